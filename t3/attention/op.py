@@ -1,0 +1,57 @@
+"""The T3 attention op: multi-scale window attention as one pure function.
+
+Layout legend: ``B`` batch, ``L = T * H * W`` tokens in t, h, w order, ``N`` heads, ``D`` head dim,
+``G`` groups per partition, ``S`` slots per group, ``nb`` branches computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from t3.attention.backends import KERNELS, choose_backend
+from t3.attention.index import group_index
+from t3.attention.plan import BRANCHES, Grid, WindowPlan, check_grid, effective_branches
+
+
+def t3_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Grid,
+    plan: WindowPlan,
+    branches: tuple[str, ...] = BRANCHES,
+    backend: str = "auto",
+    *,
+    share_identical: bool = True,
+    scale: float | None = None,
+    layer: int | None = None,
+) -> torch.Tensor:
+    """Attention inside the local and/or dilated groups of ``plan``, averaged over branches.
+
+    Args:
+        q, k, v: ``[B, L, N, D]`` with tokens ordered t, h, w over ``grid``.
+        grid: ``(T, H, W)`` token grid with ``T * H * W == L``.
+        plan: pieces per axis; any grid works (non-divisible axes are padded and masked).
+        branches: ``("local",)``, ``("dilated",)`` or both (the output is their mean).
+        backend: ``"sdpa"``, ``"flash"`` (flash-attn on CUDA) or ``"auto"`` (the fastest that runs).
+        share_identical: compute one branch when both partitions coincide (same output, half the work).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        layer: layer index, only used to name the layer in error messages.
+
+    Returns:
+        ``[B, L, N, D]`` with ``q``'s dtype.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must all be [batch, tokens, heads, head_dim] of one shape, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    grid = check_grid(grid)
+    T, H, W = grid
+    if T * H * W != q.shape[1]:
+        raise ValueError(f"grid {grid} has {T * H * W} tokens but q has {q.shape[1]}")
+    plan.check(grid, layer=layer)
+    computed = effective_branches(plan, grid, branches, share_identical)
+    kernel = KERNELS[choose_backend(backend, q)]
+    index = group_index(grid, plan, computed, q.device)
+    return kernel(q, k, v, index, scale)

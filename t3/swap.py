@@ -1,0 +1,186 @@
+"""The T3 transform: swap the self-attention processor of a diffusers Wan DiT for T3 attention.
+
+`transform(model, schedule)` sets a `T3AttnProcessor` on every ``blocks.{i}.attn1`` and registers a
+forward pre-hook on the transformer that records the post-patch token grid ``(T, H, W)`` of each
+input, because diffusers' Wan blocks never pass the grid down to their attention. Nothing else
+changes: no parameter is added or renamed, so ``state_dict()`` is identical and the model still saves
+and loads with diffusers. Cross-attention (``attn2``) is untouched. `untransform` restores the
+original processors.
+
+The grid is kept after the forward (not cleared in a post-hook) because gradient checkpointing
+re-runs the blocks during backward and the processors read it again then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from t3.attention import Grid, Schedule, get_schedule, t3_attention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GridState:
+    """The token grid of the current forward, shared by the transformer's hook and its processors."""
+
+    grid: Grid | None = None
+    checked: set[Grid] = field(default_factory=set)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved channel pairs, computed as diffusers' `WanAttnProcessor` does."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class T3AttnProcessor:
+    """Self-attention processor for `WanAttention` that runs T3 attention over the token grid.
+
+    Projections, q/k RMSNorm and RoPE are computed as in diffusers' `WanAttnProcessor` (diffusers
+    0.42); only the dense attention call is replaced. Holds no parameters.
+    """
+
+    def __init__(self, layer: int, schedule: Schedule, state: GridState, backend: str = "auto") -> None:
+        self.layer = layer
+        self.schedule = schedule
+        self.state = state
+        self.backend = backend
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"T3AttnProcessor (layer {self.layer}) is for self-attention without a mask")
+        grid = self.state.grid
+        if grid is None:
+            raise RuntimeError(
+                f"T3AttnProcessor (layer {self.layer}) has no token grid: call the transformer returned by "
+                "t3.transform(...), whose pre-hook records it"
+            )
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, L, N, D]
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, *rotary_emb)
+            key = apply_rotary_emb(key, *rotary_emb)
+
+        layer_plan = self.schedule.layer_plan(self.layer, grid)
+        hidden_states = t3_attention(
+            query,
+            key,
+            value,
+            grid,
+            layer_plan.plan,
+            layer_plan.branches,
+            self.backend,
+            share_identical=self.schedule.share_identical_branches,
+            layer=self.layer,
+        )
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)  # [B, L, N*D]
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+@dataclass
+class _Transformed:
+    """What `transform` changed on a model, so that `untransform` can put it back."""
+
+    schedule: Schedule
+    state: GridState
+    original_processors: dict[str, Any]
+    hook: torch.utils.hooks.RemovableHandle
+
+
+_ATTR = "_t3_transform"
+
+
+def _self_attention_layers(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(b, "attn1") for b in blocks):
+        raise TypeError(
+            f"t3.transform expects a diffusers WanTransformer3DModel (blocks[i].attn1), got {type(model).__name__}"
+        )
+    return [b.attn1 for b in blocks]
+
+
+def token_grid(model: nn.Module, latent_shape: torch.Size | tuple[int, ...]) -> Grid:
+    """Post-patch token grid of a ``[B, C, F, H, W]`` latent for ``model``'s patch size."""
+    p_t, p_h, p_w = model.config.patch_size
+    _, _, f, h, w = latent_shape
+    return (f // p_t, h // p_h, w // p_w)
+
+
+def transform(model: nn.Module, schedule: Schedule | str, backend: str = "auto") -> nn.Module:
+    """Swap every self-attention of ``model`` for T3 attention with ``schedule`` (in place).
+
+    Args:
+        model: a diffusers ``WanTransformer3DModel``.
+        schedule: a `Schedule` or the name of a preset (``dense``, ``wan21_4k``, ...).
+        backend: attention backend for the op (``auto``, ``sdpa``, ``flash``).
+
+    Returns:
+        The same model, now running T3 attention at any input resolution.
+    """
+    if isinstance(schedule, str):
+        schedule = get_schedule(schedule)
+    layers = _self_attention_layers(model)
+    if getattr(model, _ATTR, None) is not None:
+        untransform(model)
+    state = GridState()
+    original = {}
+    for i, attn in enumerate(layers):
+        original[i] = attn.processor
+        attn.set_processor(T3AttnProcessor(i, schedule, state, backend))
+
+    num_layers = len(layers)
+
+    def record_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        grid = token_grid(module, hidden_states.shape)
+        if grid not in state.checked:
+            schedule.plans(grid, num_layers)  # fails here, naming the layer, before any attention runs
+            state.checked.add(grid)
+            logger.debug("T3 %s", schedule.describe(grid))
+        state.grid = grid
+
+    hook = model.register_forward_pre_hook(record_grid, with_kwargs=True)
+    object.__setattr__(model, _ATTR, _Transformed(schedule, state, original, hook))
+    return model
+
+
+def untransform(model: nn.Module) -> nn.Module:
+    """Restore the processors ``model`` had before `transform` (in place)."""
+    transformed: _Transformed | None = getattr(model, _ATTR, None)
+    if transformed is None:
+        raise ValueError("untransform: this model was not transformed with t3.transform")
+    for i, attn in enumerate(_self_attention_layers(model)):
+        attn.set_processor(transformed.original_processors[i])
+    transformed.hook.remove()
+    object.__setattr__(model, _ATTR, None)
+    return model
+
+
+def schedule_of(model: nn.Module) -> Schedule | None:
+    """The schedule a transformed model runs, or None for an untransformed one."""
+    transformed: _Transformed | None = getattr(model, _ATTR, None)
+    return None if transformed is None else transformed.schedule

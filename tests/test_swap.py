@@ -1,0 +1,133 @@
+"""t3.transform on a tiny random diffusers WanTransformer3DModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import t3
+import t3.swap
+from t3.attention import PlanError, build_schedule
+from t3.attention.reference import t3_attention_reference
+from t3.swap import T3AttnProcessor, schedule_of
+
+TINY = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=5,
+    rope_max_seq_len=32,
+)
+# One period of 5 layer rules on the grid (3, 4, 6) of a [B, 4, 3, 8, 12] latent, with padding.
+MIXED = build_schedule("mixed", pieces=[(3, 1, 1), (1, 2, 3), (3, 4, 6), (2, 3, 4), (1, 1, 1)])
+
+
+@pytest.fixture
+def model() -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**TINY).eval()
+
+
+def inputs(batch=2, frames=3, height=8, width=12):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, frames, height, width, generator=g)
+    t = torch.tensor([500.0, 200.0])[:batch]
+    text = torch.randn(batch, 7, 16, generator=g)
+    return x, t, text
+
+
+@torch.no_grad()
+def test_dense_schedule_reproduces_the_untransformed_model(model):
+    x, t, text = inputs()
+    ref = model(x, t, text).sample
+    t3.transform(model, "dense")
+    torch.testing.assert_close(model(x, t, text).sample, ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_t3_schedule_equals_masked_dense_reference_model(model, monkeypatch):
+    x, t, text = inputs()
+    dense = model(x, t, text).sample
+    t3.transform(model, MIXED)
+    out = model(x, t, text).sample
+    assert (out - dense).abs().max() > 1e-3  # windows change the function
+
+    def reference(q, k, v, grid, plan, branches, backend, **_):
+        return t3_attention_reference(q, k, v, grid, plan, branches)
+
+    monkeypatch.setattr(t3.swap, "t3_attention", reference)
+    torch.testing.assert_close(model(x, t, text).sample, out, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_unchanged_and_only_self_attention_swapped(model, tmp_path):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t3.transform(model, "wan21_windows")
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    processors = model.attn_processors
+    assert all(isinstance(p, T3AttnProcessor) for k, p in processors.items() if ".attn1." in k)
+    assert not any(isinstance(p, T3AttnProcessor) for k, p in processors.items() if ".attn2." in k)
+    assert schedule_of(model).name == "wan21_windows"
+    # The transformed model saves and loads back into plain diffusers with the same weights.
+    model.save_pretrained(tmp_path)
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in loaded.state_dict().items())
+
+
+@torch.no_grad()
+def test_untransform_restores_original_processors(model):
+    x, t, text = inputs()
+    ref = model(x, t, text).sample
+    originals = dict(model.attn_processors)
+    t3.transform(model, MIXED)
+    t3.untransform(model)
+    assert model.attn_processors == originals
+    torch.testing.assert_close(model(x, t, text).sample, ref, atol=0, rtol=0)
+    assert schedule_of(model) is None
+    with pytest.raises(ValueError, match="not transformed"):
+        t3.untransform(model)
+
+
+@torch.no_grad()
+def test_one_transformed_model_runs_at_any_resolution(model):
+    t3.transform(model, "wan21_windows")
+    for frames, height, width in [(3, 8, 12), (5, 16, 10), (1, 6, 6)]:
+        x, t, text = inputs(1, frames, height, width)
+        assert model(x, t, text).sample.shape == x.shape
+
+
+def test_plan_that_does_not_fit_fails_before_attention_naming_the_layer(model):
+    t3.transform(model, "wan21_4k")
+    x, t, text = inputs()
+    with pytest.raises(PlanError, match="layer 0: plan \\(21, 1, 1\\) cannot apply to grid \\(3, 4, 6\\)"):
+        model(x, t, text)
+
+
+def test_gradient_checkpointing_gives_same_output_and_gradients(model):
+    t3.transform(model, MIXED)
+    x, t, text = inputs()
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        out = model(x, t, text).sample
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_transform_rejects_other_models():
+    with pytest.raises(TypeError, match="expects a diffusers WanTransformer3DModel"):
+        t3.transform(torch.nn.Linear(2, 2), "dense")
