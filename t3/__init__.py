@@ -5,4 +5,12 @@ from t3.swap import transform, untransform
 
 __version__ = "0.1.0"
 
-__all__ = ["Schedule", "WindowPlan", "__version__", "get_schedule", "t3_attention", "transform", "untransform"]
+__all__ = [
+    "Schedule",
+    "WindowPlan",
+    "__version__",
+    "get_schedule",
+    "t3_attention",
+    "transform",
+    "untransform",
+]

@@ -26,13 +26,17 @@ BRANCH_SETS = [("local",), ("dilated",), ("local", "dilated")]
 
 
 def qkv(batch, tokens, heads, dim, dtype=torch.float32, requires_grad=False):
-    return [torch.randn(batch, tokens, heads, dim, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
+    return [
+        torch.randn(batch, tokens, heads, dim, dtype=dtype, requires_grad=requires_grad) for _ in range(3)
+    ]
 
 
 def test_dense_plan_reproduces_sdpa():
     q, k, v = qkv(2, 4 * 6 * 5, 3, 16)
     out = t3_attention(q, k, v, (4, 6, 5), WindowPlan(1, 1, 1), backend="sdpa")
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+        1, 2
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
@@ -69,7 +73,9 @@ def test_gradients_match_reference_float64(grid, plan, branches):
     L = grid[0] * grid[1] * grid[2]
     q, k, v = qkv(2, L, 2, 4, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(2, L, 2, 4, dtype=torch.float64)
-    grads = torch.autograd.grad(t3_attention(q, k, v, grid, plan, branches, backend="sdpa"), (q, k, v), grad_out)
+    grads = torch.autograd.grad(
+        t3_attention(q, k, v, grid, plan, branches, backend="sdpa"), (q, k, v), grad_out
+    )
     ref = torch.autograd.grad(t3_attention_reference(q, k, v, grid, plan, branches), (q, k, v), grad_out)
     for g, r in zip(grads, ref, strict=True):
         assert torch.isfinite(g).all()
@@ -139,7 +145,11 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=Non
     outs = []
     for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
         assert 0 < end - start <= max_q
-        outs.append(dense_masked_attention(q[None, start:end], k[None, start:end], v[None, start:end], None, softmax_scale)[0])
+        outs.append(
+            dense_masked_attention(
+                q[None, start:end], k[None, start:end], v[None, start:end], None, softmax_scale
+            )[0]
+        )
     return torch.cat(outs)
 
 
@@ -147,11 +157,15 @@ def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=Non
 @pytest.mark.parametrize("branches", BRANCH_SETS)
 def test_flash_backend_packing_with_reference_kernel(monkeypatch, grid, plan, branches):
     """The flash path's grouping and varlen packing, with a pure-PyTorch kernel in place of flash-attn."""
-    monkeypatch.setattr(backends, "_flash_functions", lambda: (_reference_flash_func, _reference_flash_varlen))
+    monkeypatch.setattr(
+        backends, "_flash_functions", lambda: (_reference_flash_func, _reference_flash_varlen)
+    )
     L = grid[0] * grid[1] * grid[2]
     q, k, v = qkv(2, L, 2, 8)
     out = backends.flash_grouped(q, k, v, group_index(grid, plan, branches))
-    torch.testing.assert_close(out, t3_attention(q, k, v, grid, plan, branches, backend="sdpa"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, t3_attention(q, k, v, grid, plan, branches, backend="sdpa"), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_backend_choice_and_errors():
@@ -184,3 +198,20 @@ def test_cuda_backends_bf16_match_reference(grid, plan, backend):
     ref = t3_attention_reference(q.float(), k.float(), v.float(), grid, plan)
     pt = t3_attention_reference(q, k, v, grid, plan)
     assert (out.float() - ref).abs().max() <= 2 * (pt.float() - ref).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("grid", "plan"), [((4, 6, 8), WindowPlan(2, 3, 2)), ((3, 8, 8), WindowPlan(1, 2, 4))]
+)
+def test_straightforward_baseline_agrees_with_grouped_op(grid, plan):
+    from t3.attention.reference import straightforward_t3_attention
+
+    q, k, v = qkv(2, grid[0] * grid[1] * grid[2], 3, 8)
+    torch.testing.assert_close(
+        straightforward_t3_attention(q, k, v, grid, plan),
+        t3_attention(q, k, v, grid, plan, share_identical=False),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match="needs a divisible grid"):
+        straightforward_t3_attention(q[:, :-1], k, v, (4, 6, 8), WindowPlan(3, 1, 1))

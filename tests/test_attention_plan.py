@@ -61,7 +61,10 @@ def test_branches_coincide(pieces, grid, coincide):
 
 
 def test_authors_presets_fit_their_4k_grids_and_match_the_paper():
-    for name, pieces, grid in [("wan21_4k", WAN21_4K_PIECES, WAN21_4K_GRID), ("wan22_4k", WAN22_4K_PIECES, WAN22_4K_GRID)]:
+    for name, pieces, grid in [
+        ("wan21_4k", WAN21_4K_PIECES, WAN21_4K_GRID),
+        ("wan22_4k", WAN22_4K_PIECES, WAN22_4K_GRID),
+    ]:
         schedule = get_schedule(name)
         plans = schedule.plans(grid, 30)
         assert [lp.plan.pieces for lp in plans[:5]] == list(pieces)
@@ -96,7 +99,9 @@ def test_windows_from_pieces_requires_divisibility():
 
 
 def test_build_schedule_from_config_values_and_errors():
-    s = build_schedule("s", windows=[[None, 4, 4], [2, None, None]], branches=[["local"], ["local", "dilated"]])
+    s = build_schedule(
+        "s", windows=[[None, 4, 4], [2, None, None]], branches=[["local"], ["local", "dilated"]]
+    )
     assert s.period == 2
     assert s.layer_plan(3, (8, 8, 8)).plan.pieces == (4, 1, 1)
     assert s.layer_plan(2, (8, 8, 8)).branches == ("local",)

@@ -102,7 +102,9 @@ def sdpa_grouped(
 
     mask = None
     if index.key_valid is not None:
-        mask = index.key_valid.view(1, groups, 1, 1, S).expand(B, groups, 1, 1, S).reshape(B * groups, 1, 1, S)
+        mask = (
+            index.key_valid.view(1, groups, 1, 1, S).expand(B, groups, 1, 1, S).reshape(B * groups, 1, 1, S)
+        )
     out = F.scaled_dot_product_attention(grouped(q), grouped(k), grouped(v), attn_mask=mask, scale=scale)
     out = out.transpose(1, 2).reshape(B, groups * S, N, D)
     if index.gather is None:

@@ -40,5 +40,41 @@ def t3_attention_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """The mean over ``branches`` of dense attention masked to each partition (never shares branches)."""
-    outs = [dense_masked_attention(q, k, v, partition_mask(grid, plan, b), scale) for b in check_branches(branches)]
+    outs = [
+        dense_masked_attention(q, k, v, partition_mask(grid, plan, b), scale)
+        for b in check_branches(branches)
+    ]
     return torch.stack(outs).mean(0)
+
+
+def straightforward_t3_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Grid,
+    plan: WindowPlan,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """T3 attention written the obvious way: per branch, rearrange and copy q, k, v into windows,
+    attend, rearrange back, then average. Divisible grids only.
+
+    The baseline that `benchmarks/attention.py` compares the grouped op against, and a second,
+    independent reference in the tests.
+    """
+    from einops import rearrange
+
+    if plan.needs_padding(grid):
+        raise ValueError(f"straightforward_t3_attention needs a divisible grid, got {grid} with plan {plan}")
+    w_t, w_h, w_w = plan.window(grid)
+    sizes = dict(nt=plan.n_t, nh=plan.n_h, nw=plan.n_w, wt=w_t, wh=w_h, ww=w_w)
+    tokens = {
+        "local": "b (nt wt nh wh nw ww) n d",
+        "dilated": "b (wt nt wh nh ww nw) n d",
+    }
+    windows = "(b nt nh nw) n (wt wh ww) d"
+    outs = []
+    for pattern in tokens.values():
+        qw, kw, vw = (rearrange(x, f"{pattern} -> {windows}", **sizes).contiguous() for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, scale=scale)
+        outs.append(rearrange(o, f"{windows} -> {pattern}", **sizes).contiguous())
+    return (outs[0] + outs[1]) / 2

@@ -42,7 +42,9 @@ class LayerRule:
 
     def __post_init__(self) -> None:
         if (self.pieces is None) == (self.window is None):
-            raise ValueError("a layer rule needs exactly one of pieces=(n_t, n_h, n_w) or window=(w_t, w_h, w_w)")
+            raise ValueError(
+                "a layer rule needs exactly one of pieces=(n_t, n_h, n_w) or window=(w_t, w_h, w_w)"
+            )
         if self.pieces is not None:
             object.__setattr__(self, "pieces", WindowPlan(*self.pieces).pieces)
         if self.window is not None:
@@ -60,7 +62,9 @@ class LayerRule:
             return WindowPlan(*self.pieces)
         assert self.window is not None
         grid = check_grid(grid)
-        return WindowPlan(*(1 if w is None else math.ceil(length / w) for w, length in zip(self.window, grid, strict=True)))
+        return WindowPlan(
+            *(1 if w is None else math.ceil(length / w) for w, length in zip(self.window, grid, strict=True))
+        )
 
     def __str__(self) -> str:
         shape = f"pieces {self.pieces}" if self.pieces is not None else f"window {self.window}"
@@ -99,7 +103,8 @@ class Schedule:
     def is_dense(self) -> bool:
         """True when every layer keeps full attention on any grid."""
         return all(
-            (r.pieces == (1, 1, 1)) or (r.window is not None and all(w is None for w in r.window)) for r in self.rules
+            (r.pieces == (1, 1, 1)) or (r.window is not None and all(w is None for w in r.window))
+            for r in self.rules
         )
 
     def layer_plan(self, layer: int, grid: Grid) -> LayerPlan:
@@ -135,7 +140,9 @@ def _rules(
     branches: Sequence[str] | Sequence[Sequence[str]],
 ) -> tuple[LayerRule, ...]:
     if (pieces is None) == (windows is None):
-        raise ValueError("schedule config needs exactly one of 'pieces' or 'windows' (a list of [t, h, w] triples)")
+        raise ValueError(
+            "schedule config needs exactly one of 'pieces' or 'windows' (a list of [t, h, w] triples)"
+        )
     entries = list(pieces if pieces is not None else windows)  # type: ignore[arg-type]
     if not entries:
         raise ValueError("schedule config: 'pieces'/'windows' must list at least one [t, h, w] triple")
@@ -201,14 +208,18 @@ def windows_from_pieces(pieces: Sequence[Sequence[int]], grid: Grid) -> tuple[Wi
         window = []
         for axis, n, length in zip(AXES, triple, grid, strict=True):
             if length % n:
-                raise PlanError(f"n_{axis}={n} does not divide the {axis} axis length {length} of grid {grid}")
+                raise PlanError(
+                    f"n_{axis}={n} does not divide the {axis} axis length {length} of grid {grid}"
+                )
             window.append(None if n == 1 else length // n)
         out.append(tuple(window))
     return tuple(out)  # type: ignore[return-value]
 
 
 PRESETS: dict[str, Schedule] = {
-    "dense": build_schedule("dense", pieces=[(1, 1, 1)], description="full attention in every layer (baseline)"),
+    "dense": build_schedule(
+        "dense", pieces=[(1, 1, 1)], description="full attention in every layer (baseline)"
+    ),
     "wan21_4k": build_schedule(
         "wan21_4k", pieces=WAN21_4K_PIECES, description="authors' Wan2.1-T2V-1.3B 4K plans (grid 21x136x240)"
     ),

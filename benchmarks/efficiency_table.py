@@ -1,0 +1,219 @@
+"""Attention and whole-DiT multiply-accumulates of dense vs T3 attention, per DiT forward.
+
+Usage::
+
+    python benchmarks/efficiency_table.py            # Markdown table on stdout
+    python benchmarks/efficiency_table.py --json     # one JSON object per row on stdout
+    python benchmarks/efficiency_table.py --out DIR  # where efficiency_table.{md,csv} go
+
+Counts are exact (see `t3.attention.flops`) and need no GPU or weights: Wan2.1-T2V-1.3B and
+Wan2.2-TI2V-5B at 480p to 4K, 81 frames, batch 1, 512 text tokens, all 30 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from t3.attention.flops import WAN21_T2V_1_3B, WAN22_TI2V_5B, MacBreakdown, dit_macs, grid_for
+from t3.attention.plan import Grid
+from t3.attention.schedule import Schedule, get_schedule
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+FRAMES = 81
+TEXT_TOKENS = 512
+RESOLUTIONS: tuple[tuple[str, int, int], ...] = (
+    ("480p", 480, 832),
+    ("720p", 720, 1280),  # snapped down to 704x1280 for Wan2.2 (VAE x patch stride 32), as its pipeline does
+    ("1080p", 1088, 1920),  # 1080 is not a multiple of the VAE x patch stride (16 or 32)
+    ("2K", 1440, 2560),
+    ("4K", 2176, 3840),
+)
+JSON_KEYS = (
+    "model",
+    "height",
+    "width",
+    "frames",
+    "tokens",
+    "attn_macs_dense",
+    "attn_macs_t3",
+    "attn_macs_t3_shared",
+    "dit_macs_dense",
+    "dit_macs_t3",
+    "dit_macs_t3_shared",
+)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model of the table: DiT config, VAE stride and the T3 schedules that go with it."""
+
+    name: str
+    config: dict[str, Any]
+    vae_stride: tuple[int, int, int]
+    per_token_timestep: bool
+    schedule: str  # window-size preset, used at every resolution
+    schedule_4k: str  # the authors' fixed-piece preset it reproduces at 4K
+
+
+MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry("Wan2.1-T2V-1.3B", WAN21_T2V_1_3B, (4, 8, 8), False, "wan21_windows", "wan21_4k"),
+    # Wan2.2-TI2V-5B feeds one timestep per token (the first frame's tokens get t=0 in TI2V).
+    ModelEntry("Wan2.2-TI2V-5B", WAN22_TI2V_5B, (4, 16, 16), True, "wan22_windows", "wan22_4k"),
+)
+
+
+def count(entry: ModelEntry, grid: Grid, schedule: Schedule | None, share: bool | None) -> MacBreakdown:
+    """MACs of one forward of ``entry`` on ``grid``: dense (``schedule=None``) or T3."""
+    return dit_macs(
+        entry.config,
+        grid,
+        text_tokens=TEXT_TOKENS,
+        schedule=schedule,
+        share_identical=share,
+        per_token_timestep=entry.per_token_timestep,
+    )
+
+
+def table_rows() -> list[dict[str, Any]]:
+    """One row per model and resolution with the `JSON_KEYS` plus ``label`` and ``grid``."""
+    rows = []
+    for entry in MODELS:
+        schedule = get_schedule(entry.schedule)
+        multiple = entry.vae_stride[1] * entry.config["patch_size"][1]
+        for label, height, width in RESOLUTIONS:
+            height, width = height // multiple * multiple, width // multiple * multiple
+            grid = grid_for(entry.config, entry.vae_stride, height, width, FRAMES)
+            dense = count(entry, grid, None, None)
+            both = count(entry, grid, schedule, False)
+            shared = count(entry, grid, schedule, True)
+            rows.append(
+                {
+                    "model": entry.name,
+                    "height": height,
+                    "width": width,
+                    "frames": FRAMES,
+                    "tokens": grid[0] * grid[1] * grid[2],
+                    "attn_macs_dense": dense.attention,
+                    "attn_macs_t3": both.attention,
+                    "attn_macs_t3_shared": shared.attention,
+                    "dit_macs_dense": dense.total,
+                    "dit_macs_t3": both.total,
+                    "dit_macs_t3_shared": shared.total,
+                    "label": label,
+                    "grid": grid,
+                }
+            )
+    return rows
+
+
+def _tera(macs: int) -> str:
+    return f"{macs / 1e12:,.1f}"
+
+
+def _ratio(num: int, den: int) -> str:
+    return f"{num / den:.2f}x"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table in Markdown, with a header that says what is counted and which schedules."""
+    names = ", ".join(f"{m.name}: `{m.schedule}` (= `{m.schedule_4k}` at 4K)" for m in MODELS)
+    lines = [
+        f"# Dense vs T3 attention: multiply-accumulates per DiT forward ({FRAMES} frames, batch 1, "
+        f"{TEXT_TOKENS} text tokens, all layers)",
+        "",
+        f"T3 schedules: {names}. The authors' fixed-piece presets only fit the 4K grid, so every resolution "
+        "uses their window-size rewrite, which keeps the authors' window sizes and equals their plans at 4K.",
+        "'both' computes the local and the dilated branch in every windowed layer (how the paper counts); "
+        "'shared' computes one branch where the two partitions coincide (same output). "
+        "TMAC = 10^12 multiply-accumulates (1 MAC = 2 FLOPs); padded window slots are counted, as the op "
+        "computes them. Attention = self-attention scores and weighted sum; DiT = every matmul of the forward "
+        "(Wan2.2-TI2V takes one timestep per token, so its time embedding runs once per token).",
+        "",
+        "| Model | Res. | H x W | Grid (T,H,W) | Tokens | Attn dense (TMAC) | Attn T3 both | x | Attn T3 shared | x "
+        "| DiT dense (TMAC) | DiT T3 both | x | DiT T3 shared | x |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['label']} | {r['height']}x{r['width']} | {'x'.join(map(str, r['grid']))} "
+            f"| {r['tokens']:,} "
+            f"| {_tera(r['attn_macs_dense'])} | {_tera(r['attn_macs_t3'])} "
+            f"| {_ratio(r['attn_macs_dense'], r['attn_macs_t3'])} "
+            f"| {_tera(r['attn_macs_t3_shared'])} | {_ratio(r['attn_macs_dense'], r['attn_macs_t3_shared'])} "
+            f"| {_tera(r['dit_macs_dense'])} | {_tera(r['dit_macs_t3'])} "
+            f"| {_ratio(r['dit_macs_dense'], r['dit_macs_t3'])} "
+            f"| {_tera(r['dit_macs_t3_shared'])} | {_ratio(r['dit_macs_dense'], r['dit_macs_t3_shared'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """The exact counts as CSV: the JSON keys, the grid and the four reduction factors."""
+    buf = io.StringIO()
+    ratios = {
+        "attn_reduction_t3": ("attn_macs_dense", "attn_macs_t3"),
+        "attn_reduction_t3_shared": ("attn_macs_dense", "attn_macs_t3_shared"),
+        "dit_reduction_t3": ("dit_macs_dense", "dit_macs_t3"),
+        "dit_reduction_t3_shared": ("dit_macs_dense", "dit_macs_t3_shared"),
+    }
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*JSON_KEYS, "grid", *ratios])
+    for r in rows:
+        writer.writerow(
+            [*(r[k] for k in JSON_KEYS), "x".join(map(str, r["grid"]))]
+            + [f"{r[num] / r[den]:.4f}" for num, den in ratios.values()]
+        )
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A per-process name in the same folder: os.replace is atomic only within one file system.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per row instead of Markdown"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder for efficiency_table.md/.csv (default {DEFAULT_OUT})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = table_rows()
+    table = markdown(rows)
+    write_atomic(args.out / "efficiency_table.md", table)
+    write_atomic(args.out / "efficiency_table.csv", csv_text(rows))
+    if args.json:
+        for r in rows:
+            print(json.dumps({k: r[k] for k in JSON_KEYS}))
+    else:
+        print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
