@@ -36,13 +36,19 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
+        # Outputs that share an argument's storage (views, in-place results) allocate nothing.
+        arg_storages = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self._live or storage.nbytes() == 0:
-                continue  # a view of a storage already counted, or of an input
+            if key in self._live or key in arg_storages or storage.nbytes() == 0:
+                continue
             nbytes = storage.nbytes()
             self._live.add(key)
             self.current += nbytes
@@ -72,6 +78,35 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str) -> int:
         result = fn()
         del result
     return tracker.peak
+
+
+def saved_for_backward_bytes(
+    fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], device: torch.device | str
+) -> int:
+    """Bytes that autograd holds between the forward and the backward of ``fn()``.
+
+    ``inputs`` are the leaf tensors ``fn`` reads; they are made to require grad for the call (and
+    restored after). Reported: the live tensor memory allocated by the forward minus its output, i.e.
+    the activation memory this computation adds to a training step.
+    """
+    device = torch.device(device)
+    previous = [t.requires_grad for t in inputs]
+    try:
+        for t in inputs:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            if device.type == "cuda":
+                _sync(device)
+                base = torch.cuda.memory_allocated(device)
+                out = fn()
+                _sync(device)
+                return torch.cuda.memory_allocated(device) - base - out.untyped_storage().nbytes()
+            with TensorMemoryTracker() as tracker:
+                out = fn()
+                return tracker.current - out.untyped_storage().nbytes()
+    finally:
+        for t, flag in zip(inputs, previous, strict=True):
+            t.requires_grad_(flag)
 
 
 @dataclass(frozen=True)

@@ -139,12 +139,14 @@ def _reference_flash_func(q, k, v, softmax_scale=None):
     return dense_masked_attention(q, k, v, None, softmax_scale)
 
 
-def _reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None):
+def _reference_flash_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None
+):
     # Stands in for flash_attn_varlen_func: packed [total, heads, head_dim] with cumulative lengths.
-    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
     outs = []
-    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
-        assert 0 < end - start <= max_q
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
+        assert 0 < end - start <= max_seqlen_q
         outs.append(
             dense_masked_attention(
                 q[None, start:end], k[None, start:end], v[None, start:end], None, softmax_scale
@@ -215,3 +217,48 @@ def test_straightforward_baseline_agrees_with_grouped_op(grid, plan):
     )
     with pytest.raises(ValueError, match="needs a divisible grid"):
         straightforward_t3_attention(q[:, :-1], k, v, (4, 6, 8), WindowPlan(3, 1, 1))
+
+
+def _graph_bytes_after_forward(regroup: bool, grid, plan) -> tuple[int, torch.Tensor]:
+    from t3.profiling import TensorMemoryTracker
+
+    q, k, v = qkv(1, grid[0] * grid[1] * grid[2], 2, 16, requires_grad=True)
+    with TensorMemoryTracker() as tracker:
+        out = t3_attention(q, k, v, grid, plan, regroup_in_backward=regroup)
+        held = tracker.current  # the output plus what autograd keeps for backward
+    out.square().sum().backward()
+    return held, torch.cat([q.grad, k.grad, v.grad])
+
+
+@pytest.mark.parametrize(
+    ("grid", "plan"), [((4, 8, 8), WindowPlan(2, 2, 4)), ((5, 7, 9), WindowPlan(2, 3, 4))]
+)
+def test_regroup_in_backward_keeps_sources_not_grouped_copies(grid, plan):
+    torch.manual_seed(0)
+    held_copies, grads_copies = _graph_bytes_after_forward(False, grid, plan)
+    torch.manual_seed(0)
+    held_sources, grads_sources = _graph_bytes_after_forward(True, grid, plan)
+    assert torch.equal(grads_copies, grads_sources)  # rebuilt tensors are bit-identical
+    size = grid[0] * grid[1] * grid[2] * 2 * 16 * 4  # one [L, N, D] float32 tensor
+    # Three grouped copies of two branches (6 sizes, more with padding) are no longer held.
+    assert held_copies - held_sources >= 6 * size
+
+
+def test_regroup_defers_to_activation_checkpointing(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    grid, plan = (4, 8, 8), WindowPlan(2, 2, 4)
+    q, k, v = qkv(1, 256, 2, 16, requires_grad=True)
+    calls = []
+    real = backends.regroup_in_backward
+
+    def spy(pairs):
+        calls.append(len(pairs))
+        return real(pairs)
+
+    monkeypatch.setattr(backends, "regroup_in_backward", spy)
+    out = checkpoint(lambda *t: t3_attention(*t, grid, plan), q, k, v, use_reentrant=False)
+    out.sum().backward()
+    assert calls == []  # inside checkpoint (forward and recompute) the outer policy decides
+    t3_attention(q, k, v, grid, plan).sum().backward()
+    assert calls == [3]

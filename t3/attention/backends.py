@@ -74,23 +74,149 @@ def choose_backend(backend: str, q: torch.Tensor) -> str:
     return "flash" if ok else "sdpa"
 
 
-def _mean_over_branches(out: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
-    """Read every branch's output back in token order and average: ``[B, X, N, D] -> [B, L, N, D]``."""
-    result = out.index_select(1, scatter[0])
-    for b in range(1, scatter.shape[0]):
-        result = result.add_(out.index_select(1, scatter[b]))
-    if scatter.shape[0] > 1:
-        result = result.mul_(1.0 / scatter.shape[0])
-    return result
+def _group_view(x: torch.Tensor, index: GroupIndex, branch: str) -> torch.Tensor:
+    """``[B, L, N, D]`` viewed as ``[B, n_t, n_h, n_w, w_t, w_h, w_w, N, D]``: groups, then slots (divisible grids).
+
+    local: token ``t = g_t * w_t + s_t``; dilated: ``t = s_t * n_t + g_t`` (and likewise for h, w).
+    """
+    B, _, N, D = x.shape
+    n_t, n_h, n_w = index.plan.pieces
+    w_t, w_h, w_w = index.plan.window(index.grid)
+    if branch == "local":
+        return x.view(B, n_t, w_t, n_h, w_h, n_w, w_w, N, D).permute(0, 1, 3, 5, 2, 4, 6, 7, 8)
+    return x.view(B, w_t, n_t, w_h, n_h, w_w, n_w, N, D).permute(0, 2, 4, 6, 1, 3, 5, 7, 8)
 
 
 def _stack_groups(x: torch.Tensor, index: GroupIndex) -> torch.Tensor:
-    """``[B, L, N, D] -> [B, nb*G*S, N, D]``: a view when the groups are already contiguous."""
-    return x if index.gather is None else x.index_select(1, index.gather)
+    """``[B, L, N, D] -> [B, nb*G*S, N, D]``, branch-major, each group's slots contiguous.
+
+    Without padding this is one strided copy per branch into the stacked output (or a plain view when
+    the groups are already contiguous, e.g. whole frames); with padding it gathers through the index map.
+    """
+    if index.gather is None:
+        return x
+    if index.key_valid is not None:
+        return x.index_select(1, index.gather)
+    B, L, N, D = x.shape
+    # Copy each branch straight into its slice of one buffer (torch.stack would copy twice).
+    stacked = x.new_empty(B, index.num_branches, L, N, D)
+    for b, branch in enumerate(index.branches):
+        target = stacked[:, b]
+        target.view(_group_view(x, index, branch).shape).copy_(_group_view(x, index, branch))
+    return stacked.view(B, index.num_branches * L, N, D)
+
+
+def _mean_over_branches(out: torch.Tensor, index: GroupIndex, packed: bool = False) -> torch.Tensor:
+    """Read every branch's output back in token order and average: ``[B, nb*X, N, D] -> [B, L, N, D]``."""
+    if index.gather is None:
+        return out
+    nb = index.num_branches
+    if index.key_valid is not None:
+        scatter = index.packed_scatter if packed else index.scatter
+        result = out.index_select(1, scatter[0])
+        for b in range(1, nb):
+            result = result.add_(out.index_select(1, scatter[b]))
+    else:
+        # Divisible grid: the stacked output is [B, nb, L, N, D] in group order. Copy the first branch
+        # into token order, then add the others through strided views of the result (no index maps).
+        B, _, N, D = out.shape
+        L = index.num_tokens
+        per_branch = out.view(B, nb, L, N, D)
+        result = torch.empty(B, L, N, D, dtype=out.dtype, device=out.device)
+        for b, branch in enumerate(index.branches):
+            target = _group_view(result, index, branch)  # token-ordered storage, group-ordered indexing
+            source = per_branch[:, b].view(target.shape)
+            if b == 0:
+                target.copy_(source)
+            else:
+                target.add_(source)
+    if nb > 1:
+        result = result.mul_(1.0 / nb)
+    return result
+
+
+class _Regroup:
+    """A grouped copy that autograd saved for backward, stored as its source and how to rebuild it."""
+
+    def __init__(self, source: torch.Tensor, regroup: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.source = source
+        self.regroup = regroup
+        self.version = source._version
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+class regroup_in_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a context manager)
+    """Let autograd keep q, k, v once instead of their ``nb``-times larger grouped copies.
+
+    The attention kernel saves its grouped inputs for backward. Inside this context those saved
+    tensors are replaced by a reference to the ungrouped source and the grouping function, and are
+    rebuilt (one copy each, bit-identical) when backward needs them. Saves ``(2 nb - 1)/(2 nb)`` of
+    the attention inputs' activation memory per layer; costs one extra gather per tensor in backward.
+    """
+
+    def __init__(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
+    ) -> None:
+        recipes = {_storage_key(grouped): (source, regroup) for grouped, source, regroup in pairs}
+
+        def pack(t: torch.Tensor) -> torch.Tensor | _Regroup:
+            recipe = recipes.get(_storage_key(t))
+            return t if recipe is None else _Regroup(*recipe)
+
+        def unpack(saved: torch.Tensor | _Regroup) -> torch.Tensor:
+            if not isinstance(saved, _Regroup):
+                return saved
+            if saved.source._version != saved.version:
+                raise RuntimeError("t3_attention: q, k or v was modified in place after the forward pass")
+            with torch.no_grad():
+                return saved.regroup(saved.source)
+
+        super().__init__(pack, unpack)
+
+
+def _saves_grouped_copies(index: GroupIndex, *tensors: torch.Tensor) -> bool:
+    """Whether to store sources instead of grouped copies for backward.
+
+    Only when autograd records this call, the grouping is a real copy, and no other saved-tensor
+    policy (activation checkpointing, CPU offload) is active: an outer policy already decides what is
+    kept, and holding the sources inside a checkpointed block would keep them alive.
+    """
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and index.gather is not None
+        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    )
+
+
+def _attend(
+    kernel: Callable[..., torch.Tensor],
+    grouping: Callable[[torch.Tensor], torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: GroupIndex,
+    regroup: bool,
+    **kwargs,
+) -> torch.Tensor:
+    """``kernel(grouping(q), grouping(k), grouping(v), **kwargs)``, regrouping in backward if asked."""
+    qg, kg, vg = grouping(q), grouping(k), grouping(v)
+    if not (regroup and _saves_grouped_copies(index, q, k, v)):
+        return kernel(qg, kg, vg, **kwargs)
+    with regroup_in_backward([(qg, q, grouping), (kg, k, grouping), (vg, v, grouping)]):
+        return kernel(qg, kg, vg, **kwargs)
 
 
 def sdpa_grouped(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: GroupIndex, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: GroupIndex,
+    scale: float | None = None,
+    regroup: bool = True,
 ) -> torch.Tensor:
     """All groups of all branches through one ``F.scaled_dot_product_attention`` call."""
     B, L, N, D = q.shape
@@ -105,11 +231,11 @@ def sdpa_grouped(
         mask = (
             index.key_valid.view(1, groups, 1, 1, S).expand(B, groups, 1, 1, S).reshape(B * groups, 1, 1, S)
         )
-    out = F.scaled_dot_product_attention(grouped(q), grouped(k), grouped(v), attn_mask=mask, scale=scale)
+    out = _attend(
+        F.scaled_dot_product_attention, grouped, q, k, v, index, regroup, attn_mask=mask, scale=scale
+    )
     out = out.transpose(1, 2).reshape(B, groups * S, N, D)
-    if index.gather is None:
-        return out
-    return _mean_over_branches(out, index.scatter)
+    return _mean_over_branches(out, index)
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,7 +247,12 @@ def _batched_cu_seqlens(cu: torch.Tensor, batch: int, tokens_per_sample: int) ->
 
 
 def flash_grouped(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: GroupIndex, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: GroupIndex,
+    scale: float | None = None,
+    regroup: bool = True,
 ) -> torch.Tensor:
     """All groups of all branches through one flash-attn call (varlen when there is padding)."""
     functions = _flash_functions()
@@ -137,9 +268,8 @@ def flash_grouped(
         def grouped(x: torch.Tensor) -> torch.Tensor:
             return _stack_groups(x, index).reshape(B * groups, S, N, D)
 
-        out = flash_attn_func(grouped(q), grouped(k), grouped(v), softmax_scale=scale)
-        out = out.reshape(B, groups * S, N, D)
-        return out if index.gather is None else _mean_over_branches(out, index.scatter)
+        out = _attend(flash_attn_func, grouped, q, k, v, index, regroup, softmax_scale=scale)
+        return _mean_over_branches(out.reshape(B, groups * S, N, D), index)
 
     # Padding: pack only real tokens, one variable-length sequence per non-empty group and sample.
     packed = index.num_branches * L
@@ -148,10 +278,21 @@ def flash_grouped(
         return x.index_select(1, index.packed_gather).reshape(B * packed, N, D)
 
     cu = _batched_cu_seqlens(index.packed_cu_seqlens, B, packed)
-    out = flash_attn_varlen_func(
-        packed_tokens(q), packed_tokens(k), packed_tokens(v), cu, cu, S, S, softmax_scale=scale
+    out = _attend(
+        flash_attn_varlen_func,
+        packed_tokens,
+        q,
+        k,
+        v,
+        index,
+        regroup,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=S,
+        max_seqlen_k=S,
+        softmax_scale=scale,
     )
-    return _mean_over_branches(out.reshape(B, packed, N, D), index.packed_scatter)
+    return _mean_over_branches(out.reshape(B, packed, N, D), index, packed=True)
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": sdpa_grouped, "flash": flash_grouped}

@@ -16,6 +16,7 @@ Maps are built once per (grid, plan, branches) on the CPU and once more per devi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class GroupIndex:
     """Index maps for one (grid, plan, branches).
 
     Attributes:
+        grid, plan, branches: what the maps are for (``branches`` as computed).
         num_branches: ``nb``, branches stacked in the gathered sequence.
         num_groups: ``G``, groups per branch.
         group_size: ``S``, slots per group (padding included).
@@ -42,6 +44,9 @@ class GroupIndex:
         packed_scatter: ``[nb, L]`` position of each real token in ``packed_gather``, per branch.
     """
 
+    grid: Grid
+    plan: WindowPlan
+    branches: tuple[Branch, ...]
     num_branches: int
     num_groups: int
     group_size: int
@@ -58,21 +63,12 @@ class GroupIndex:
         return self.gather is None
 
     def to(self, device: torch.device) -> GroupIndex:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return GroupIndex(
-            num_branches=self.num_branches,
-            num_groups=self.num_groups,
-            group_size=self.group_size,
-            num_tokens=self.num_tokens,
-            gather=move(self.gather),
-            key_valid=move(self.key_valid),
-            scatter=move(self.scatter),  # type: ignore[arg-type]
-            packed_gather=move(self.packed_gather),  # type: ignore[arg-type]
-            packed_cu_seqlens=move(self.packed_cu_seqlens),  # type: ignore[arg-type]
-            packed_scatter=move(self.packed_scatter),  # type: ignore[arg-type]
-        )
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def _axis_slots(length: int, pieces: int, window: int, branch: Branch) -> torch.Tensor:
@@ -131,6 +127,9 @@ def _group_index_cpu(grid: Grid, plan: WindowPlan, branches: tuple[Branch, ...])
 
     identity = nb == 1 and not has_padding and torch.equal(gather, torch.arange(L))
     return GroupIndex(
+        grid=grid,
+        plan=plan,
+        branches=branches,
         num_branches=nb,
         num_groups=G,
         group_size=S,

@@ -24,6 +24,7 @@ def t3_attention(
     *,
     share_identical: bool = True,
     scale: float | None = None,
+    regroup_in_backward: bool = True,
     layer: int | None = None,
 ) -> torch.Tensor:
     """Attention inside the local and/or dilated groups of ``plan``, averaged over branches.
@@ -36,6 +37,8 @@ def t3_attention(
         backend: ``"sdpa"``, ``"flash"`` (flash-attn on CUDA) or ``"auto"`` (the fastest that runs).
         share_identical: compute one branch when both partitions coincide (same output, half the work).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        regroup_in_backward: keep q, k, v for backward instead of their grouped copies (rebuilt when
+            needed), unless an outer saved-tensor policy such as activation checkpointing is active.
         layer: layer index, only used to name the layer in error messages.
 
     Returns:
@@ -54,4 +57,4 @@ def t3_attention(
     computed = effective_branches(plan, grid, branches, share_identical)
     kernel = KERNELS[choose_backend(backend, q)]
     index = group_index(grid, plan, computed, q.device)
-    return kernel(q, k, v, index, scale)
+    return kernel(q, k, v, index, scale, regroup_in_backward)
