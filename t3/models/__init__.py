@@ -1,0 +1,58 @@
+"""Pretrained parts of a Wan video model (DiT, VAE, text encoder), loaded and saved from local paths only.
+
+Nothing here downloads: every loader takes a local file or folder and fails with a one-line error naming
+the path and what was expected. Tiny random stand-ins for tests live in :mod:`t3.models.tiny`.
+"""
+
+from __future__ import annotations
+
+from t3.models.dit import CheckpointMismatchError, load_dit, match_preset, save_dit
+from t3.models.presets import (
+    DIT_PRESETS,
+    MODEL_SPECS,
+    ModelSpec,
+    dit_config,
+    get_spec,
+    patch_size,
+    pixel_multiple,
+    preset_names,
+    vae_stride,
+)
+from t3.models.text_encoder import PromptEmbeddingCache, TextEncoder, clean_prompt, load_text_encoder
+from t3.models.vae import (
+    decode_latents,
+    denormalize_latents,
+    encode_video,
+    load_vae,
+    normalize_latents,
+    vae_tiling,
+)
+from t3.models.wan_keys import diffusers_to_wan, wan_to_diffusers
+
+__all__ = [
+    "DIT_PRESETS",
+    "MODEL_SPECS",
+    "CheckpointMismatchError",
+    "ModelSpec",
+    "PromptEmbeddingCache",
+    "TextEncoder",
+    "clean_prompt",
+    "decode_latents",
+    "denormalize_latents",
+    "diffusers_to_wan",
+    "dit_config",
+    "encode_video",
+    "get_spec",
+    "load_dit",
+    "load_text_encoder",
+    "load_vae",
+    "match_preset",
+    "normalize_latents",
+    "patch_size",
+    "pixel_multiple",
+    "preset_names",
+    "save_dit",
+    "vae_stride",
+    "vae_tiling",
+    "wan_to_diffusers",
+]

@@ -1,0 +1,203 @@
+"""Named model configurations: the DiT architecture and the VAE geometry of each supported model.
+
+A preset name (``"wan2.1-t2v-1.3b"``, ``"wan2.2-ti2v-5b"``, ``"tiny"``) is the one handle the rest of the
+codebase uses to talk about a model family. From it follow
+
+* the keyword arguments of :class:`diffusers.WanTransformer3DModel` (:data:`DIT_PRESETS`), needed to
+  load checkpoints in the original Wan key format, which carry no config of their own;
+* the VAE facts (latent channels, spatial/temporal stride) that decide which pixel sizes are legal.
+
+The real values are those of the Wan releases (their ``config.json``) and of the diffusers ports
+(``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "DIT_PRESETS",
+    "MODEL_SPECS",
+    "ModelSpec",
+    "dit_config",
+    "get_spec",
+    "patch_size",
+    "pixel_multiple",
+    "preset_names",
+    "vae_stride",
+]
+
+# Settings shared by every Wan DiT we support (text-to-video and text-image-to-video, no image branch).
+_WAN_COMMON: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "attention_head_dim": 128,
+    "text_dim": 4096,  # umT5-XXL hidden size
+    "freq_dim": 256,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+    "pos_embed_seq_len": None,
+}
+
+#: ``WanTransformer3DModel(**DIT_PRESETS[name])`` builds the architecture of each preset.
+DIT_PRESETS: dict[str, dict[str, Any]] = {
+    # Wan2.1-T2V-1.3B: dim 1536 = 12 heads x 128.
+    "wan2.1-t2v-1.3b": {
+        **_WAN_COMMON,
+        "num_attention_heads": 12,
+        "in_channels": 16,
+        "out_channels": 16,
+        "ffn_dim": 8960,
+        "num_layers": 30,
+    },
+    # Wan2.2-TI2V-5B: dim 3072 = 24 heads x 128, works on the 48-channel Wan2.2 VAE latents.
+    "wan2.2-ti2v-5b": {
+        **_WAN_COMMON,
+        "num_attention_heads": 24,
+        "in_channels": 48,
+        "out_channels": 48,
+        "ffn_dim": 14336,
+        "num_layers": 30,
+    },
+    # Test-sized model that builds in milliseconds. Head dim 12 keeps the 3D RoPE split (t, h, w) = (4, 4, 4)
+    # valid; 5 layers leave room for per-layer attention patterns in tests; in/out 4 = tiny VAE z_dim;
+    # text_dim 16 = tiny text encoder d_model (see t3.models.tiny).
+    "tiny": {
+        **_WAN_COMMON,
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 4,
+        "out_channels": 4,
+        "text_dim": 16,
+        "freq_dim": 16,
+        "ffn_dim": 32,
+        "num_layers": 5,
+        "rope_max_seq_len": 32,
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything downstream code needs to know about a model family besides its weights.
+
+    Attributes:
+        name: Preset name, a key of :data:`DIT_PRESETS`.
+        dit_config: ``WanTransformer3DModel`` keyword arguments (read-only; :func:`dit_config` gives a copy).
+        vae_channels: Latent channels of the matching VAE (= DiT ``in_channels``).
+        vae_stride: VAE compression ``(t, h, w)``: a video of ``1 + 4k`` frames and ``H x W`` pixels becomes
+            ``1 + k`` latent frames of ``H / s_h x W / s_w``.
+        patch_size: DiT patch size ``(t, h, w)`` applied to the latents.
+        text_len: Number of text tokens the DiT is trained with (prompts are padded/truncated to it).
+        text_dim: Text-encoder hidden size (DiT ``text_dim``).
+    """
+
+    name: str
+    dit_config: Mapping[str, Any] = field(repr=False, hash=False)
+    vae_channels: int
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+
+    @property
+    def dim(self) -> int:
+        """DiT hidden size (heads x head dim)."""
+        return self.dit_config["num_attention_heads"] * self.dit_config["attention_head_dim"]
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE stride x DiT patch): 16 for Wan2.1, 32 for Wan2.2."""
+        return self.vae_stride[1] * self.patch_size[1]
+
+    @property
+    def frame_multiple(self) -> int:
+        """Frame counts must be ``1 + frame_multiple * k`` (the VAE keeps the first frame on its own)."""
+        return self.vae_stride[0] * self.patch_size[0]
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Latent ``(C, T, H, W)`` of a ``num_frames x height x width`` video.
+
+        Raises:
+            ValueError: If the video size is not legal for this model.
+        """
+        st, sh, sw = self.vae_stride
+        if (num_frames - 1) % self.frame_multiple:
+            raise ValueError(f"{self.name}: num_frames must be 1 + {self.frame_multiple}k, got {num_frames}")
+        if height % self.pixel_multiple or width % self.pixel_multiple:
+            raise ValueError(
+                f"{self.name}: height and width must be multiples of {self.pixel_multiple}, got {height}x{width}"
+            )
+        return (self.vae_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
+
+
+#: One :class:`ModelSpec` per preset.
+MODEL_SPECS: dict[str, ModelSpec] = {
+    # Wan2.1 VAE: 16 channels, 4x8x8 compression.
+    "wan2.1-t2v-1.3b": ModelSpec(
+        name="wan2.1-t2v-1.3b",
+        dit_config=MappingProxyType(DIT_PRESETS["wan2.1-t2v-1.3b"]),
+        vae_channels=16,
+        vae_stride=(4, 8, 8),
+    ),
+    # Wan2.2 VAE: 48 channels, 4x16x16 compression.
+    "wan2.2-ti2v-5b": ModelSpec(
+        name="wan2.2-ti2v-5b",
+        dit_config=MappingProxyType(DIT_PRESETS["wan2.2-ti2v-5b"]),
+        vae_channels=48,
+        vae_stride=(4, 16, 16),
+    ),
+    # Tiny VAE (t3.models.tiny.tiny_vae): 4 channels, three down-sampling stages like Wan2.1.
+    "tiny": ModelSpec(
+        name="tiny",
+        dit_config=MappingProxyType(DIT_PRESETS["tiny"]),
+        vae_channels=4,
+        vae_stride=(4, 8, 8),
+        text_len=512,
+        text_dim=16,
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    """Sorted list of accepted preset names."""
+    return sorted(MODEL_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look up a preset by name (case-insensitive).
+
+    Raises:
+        ValueError: For an unknown name; the message lists the accepted names.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in MODEL_SPECS:
+        raise ValueError(f"Unknown model preset {name!r}; expected one of {preset_names()}")
+    return MODEL_SPECS[key]
+
+
+def dit_config(name: str) -> dict[str, Any]:
+    """A private (deep) copy of the ``WanTransformer3DModel`` kwargs of preset ``name``."""
+    return copy.deepcopy(dict(get_spec(name).dit_config))
+
+
+def vae_stride(name: str) -> tuple[int, int, int]:
+    """VAE compression ``(t, h, w)`` of preset ``name``."""
+    return get_spec(name).vae_stride
+
+
+def patch_size(name: str) -> tuple[int, int, int]:
+    """DiT patch size ``(t, h, w)`` of preset ``name``."""
+    return get_spec(name).patch_size
+
+
+def pixel_multiple(name: str) -> int:
+    """Height/width multiple of preset ``name`` (VAE stride x patch size)."""
+    return get_spec(name).pixel_multiple
