@@ -1,0 +1,39 @@
+"""Rectified-flow objective, training timestep distributions and samplers for Wan-style models.
+
+``sigma`` in ``[0, 1]`` is the noise level (0 = data, 1 = noise), ``x_t = (1 - sigma) x0 + sigma eps``,
+the model predicts ``eps - x0`` and is fed ``timestep = sigma * num_train_timesteps``.
+"""
+
+from __future__ import annotations
+
+from t3.diffusion.flow_matching import (
+    add_noise,
+    flow_matching_loss,
+    flow_matching_loss_at,
+    shift_sigma,
+    velocity_target,
+)
+from t3.diffusion.sampling import SCHEDULER_NAMES, build_scheduler, sample
+from t3.diffusion.timesteps import (
+    LogitNormalSampler,
+    ShiftedSampler,
+    TimestepSampler,
+    UniformSampler,
+    build_timestep_sampler,
+)
+
+__all__ = [
+    "SCHEDULER_NAMES",
+    "LogitNormalSampler",
+    "ShiftedSampler",
+    "TimestepSampler",
+    "UniformSampler",
+    "add_noise",
+    "build_scheduler",
+    "build_timestep_sampler",
+    "flow_matching_loss",
+    "flow_matching_loss_at",
+    "sample",
+    "shift_sigma",
+    "velocity_target",
+]
