@@ -1,0 +1,594 @@
+"""Text-to-video generation with a (T3-transformed) Wan DiT.
+
+The loop follows diffusers' ``WanPipeline``: umT5 prompt embeddings zero-padded to 512 tokens, Gaussian
+latents ``[B, C, 1 + (F - 1) / 4, H / s, W / s]``, a flow-matching scheduler with classifier-free guidance,
+then the VAE decode of ``latents * latents_std + latents_mean``. Differences, all deliberate:
+
+* prompt embeddings come from a `PromptEmbeddingCache`, so a prompt (or the negative prompt) is never
+  encoded twice, across batches and across `generate` calls on the same `T2VGenerator`;
+* the conditional and unconditional passes run as one batched forward (`t3.diffusion.sample`);
+* prompt ``i`` of a call always gets its own noise from seed ``seed + i`` drawn on CPU, so a video does not
+  depend on the batch size, its position in a batch, or the device;
+* sizes are checked up front with an error that names the nearest valid sizes, instead of being rounded
+  silently;
+* the DiT always gets one timestep per video. The Wan2.2-TI2V-5B pipeline's ``expand_timesteps`` mode
+  (one timestep per token) only matters when a conditioning frame is kept at ``t = 0``; for text-to-video
+  every token has the same timestep and the two give the same prediction.
+
+`make_wan_pipeline` assembles a plain diffusers ``WanPipeline`` around a transformed DiT for anyone who
+wants the diffusers API instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+import t3
+from t3.attention import Schedule
+from t3.diffusion import build_scheduler, sample
+from t3.models import (
+    ModelSpec,
+    PromptEmbeddingCache,
+    TextEncoder,
+    decode_latents,
+    get_spec,
+    load_text_encoder,
+)
+from t3.swap import schedule_of, token_grid
+from t3.video_io import write_video
+
+__all__ = [
+    "WAN_NEGATIVE_PROMPT",
+    "GenerationResult",
+    "T2VGenerator",
+    "Timings",
+    "check_video_size",
+    "generate",
+    "make_wan_pipeline",
+    "video_file_name",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The standard Wan negative prompt (``sample_neg_prompt`` in the official Wan2.1/Wan2.2 configs, also used in
+#: the Wan-AI Diffusers model cards). diffusers 0.42.1's own docstrings only carry an English paraphrase.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+# --- size checks ------------------------------------------------------------------------------------------
+
+
+def _as_spec(spec_or_preset: ModelSpec | str) -> ModelSpec:
+    return spec_or_preset if isinstance(spec_or_preset, ModelSpec) else get_spec(spec_or_preset)
+
+
+def _nearest(value: int, multiple: int, offset: int = 0) -> str:
+    """The valid sizes ``offset + k * multiple`` (k >= 0, size >= 1) on either side of ``value``."""
+    below = offset + (value - offset) // multiple * multiple
+    candidates = [c for c in (below, below + multiple) if c >= max(1, offset)]
+    if not candidates:
+        candidates = [max(multiple, offset)]
+    return " or ".join(str(c) for c in candidates)
+
+
+def check_video_size(height: int, width: int, frames: int, spec_or_preset: ModelSpec | str) -> None:
+    """Check that a video size is one the model can generate, before any model work.
+
+    Height and width must be multiples of VAE stride x DiT patch (16 for Wan2.1, 32 for Wan2.2) and the frame
+    count must be ``4k + 1``. The authors' 4K size, 2176 x 3840 with 81 frames, is valid for both.
+
+    Args:
+        height: Frame height in pixels.
+        width: Frame width in pixels.
+        frames: Number of frames.
+        spec_or_preset: A `ModelSpec` or preset name (``"wan2.1-t2v-1.3b"``, ...).
+
+    Raises:
+        ValueError: Naming each bad value and the nearest valid sizes, e.g. ``height 2160 is not a multiple
+            of 16 for wan2.1-t2v-1.3b; nearest valid: 2144 or 2176``.
+    """
+    spec = _as_spec(spec_or_preset)
+    problems = []
+    for name, value in (("height", height), ("width", width), ("frames", frames)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    multiple = spec.pixel_multiple
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            problems.append(
+                f"{name} {value} is not a multiple of {multiple} for {spec.name}; "
+                f"nearest valid: {_nearest(value, multiple)}"
+            )
+    step = spec.frame_multiple
+    if (frames - 1) % step:
+        problems.append(
+            f"frames {frames} is not of the form {step}k+1 for {spec.name}; "
+            f"nearest valid: {_nearest(frames, step, offset=1)}"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# --- results ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of the stages that produced one result (CUDA is synchronised before reading).
+
+    ``text_encoding`` and ``denoising`` are those of the whole batch the result was generated in (shared by
+    its `GenerationResult.batch_size` videos); ``decode`` and ``write`` are this video's own.
+    """
+
+    text_encoding: float = 0.0
+    denoising: float = 0.0
+    decode: float = 0.0
+    write: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.text_encoding + self.denoising + self.decode + self.write
+
+
+@dataclass
+class GenerationResult:
+    """One generated video.
+
+    Attributes:
+        index: Position of the prompt in the `generate` call.
+        prompt: The prompt.
+        seed: The seed of its initial noise (``seed + index``).
+        latents: Final normalised latents ``[C, T, H, W]`` (float32, CPU) if ``latents_only`` or
+            ``return_latents``; else None.
+        frames: Decoded uint8 frames ``[F, H, W, 3]`` when decoded but not written (no ``out_dir``); else None.
+        video_path: The mp4 written under ``out_dir``; else None.
+        batch_size: Number of videos in the batch it was generated with.
+        timings: Seconds per stage.
+    """
+
+    index: int
+    prompt: str
+    seed: int
+    latents: torch.Tensor | None = None
+    frames: np.ndarray | None = None
+    video_path: Path | None = None
+    batch_size: int = 1
+    timings: Timings = field(default_factory=Timings)
+
+
+def video_file_name(index: int, seed: int) -> str:
+    """File name of the video of prompt ``index``: from the index and seed, never from the prompt text."""
+    return f"video_{index:05d}_seed{seed}.mp4"
+
+
+# --- the generator ----------------------------------------------------------------------------------------
+
+
+def _floating_dtypes_off(dit: torch.nn.Module, dtype: torch.dtype) -> bool:
+    keep = getattr(dit, "_keep_in_fp32_modules", None) or []
+    return any(
+        p.is_floating_point() and p.dtype != dtype and not any(k in name.split(".") for k in keep)
+        for name, p in dit.named_parameters()
+    )
+
+
+@torch.no_grad()
+def _cast_dit(dit: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the DiT to ``dtype`` in place, keeping diffusers' fp32 modules (norms, time embedder) in fp32.
+
+    Matches what ``from_pretrained(torch_dtype=...)`` and `t3.models.load_dit` do: a plain ``.to(bf16)``
+    would also cast the AdaLN tables and the time embedder, which Wan keeps in float32.
+    """
+    keep = getattr(dit, "_keep_in_fp32_modules", None) or []
+    for name, param in dit.named_parameters():
+        if not param.is_floating_point():
+            continue
+        target = (
+            torch.float32
+            if dtype in (torch.float16, torch.bfloat16) and any(k in name.split(".") for k in keep)
+            else dtype
+        )
+        if param.dtype != target:
+            param.data = param.data.to(target)
+
+
+class T2VGenerator:
+    """The loaded parts of a text-to-video model, ready to `generate` with.
+
+    The DiT is transformed in place with ``t3.transform(dit, schedule, backend)`` unless ``schedule`` is
+    None or ``"none"``. ``"dense"`` still transforms (full attention through the T3 op), so dense vs T3
+    comparisons run the same code path.
+
+    Args:
+        dit: A diffusers ``WanTransformer3DModel`` (e.g. from `t3.models.load_dit`).
+        vae: The matching ``AutoencoderKLWan`` (from `t3.models.load_vae`); may be None for ``latents_only``.
+        text_encoder: A `t3.models.TextEncoder` (from `t3.models.load_text_encoder`) or a path to load one
+            from. May be None when ``embedding_cache`` already holds every prompt. It runs on whatever
+            device it is on: move it with ``text_encoder.to(...)``.
+        spec: The model's `ModelSpec` or preset name; decides the legal sizes and the latent shape.
+        schedule: A T3 `Schedule`, a preset name, or None/``"none"`` to leave the DiT as it is.
+        backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
+        scheduler: ``"unipc"`` (Wan's default sampler), ``"euler"``, or a diffusers scheduler instance.
+        flow_shift: Timestep shift of the sampler (Wan: 5.0 for 720p, 3.0 for 480p).
+        dtype: Compute dtype of the DiT (it is cast if needed, keeping its fp32 modules). The VAE keeps
+            its own dtype (Wan runs it in float32).
+        device: Device for the DiT and the VAE.
+        embedding_cache: A `PromptEmbeddingCache` to share (e.g. one backed by a disk folder); by default
+            the generator makes an in-memory one.
+        vae_tiling: Decode in spatial tiles when frames are larger than a tile (needed at 4K).
+
+    Raises:
+        ValueError: If the DiT does not match ``spec`` (latent channels or patch size).
+    """
+
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        vae: torch.nn.Module | None,
+        text_encoder: TextEncoder | str | os.PathLike | None,
+        *,
+        spec: ModelSpec | str,
+        schedule: Schedule | str | None = "dense",
+        backend: str = "auto",
+        scheduler: str | SchedulerMixin = "unipc",
+        flow_shift: float = 5.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        embedding_cache: PromptEmbeddingCache | None = None,
+        vae_tiling: bool = True,
+    ) -> None:
+        self.spec = _as_spec(spec)
+        config = dit.config
+        if (
+            int(config.in_channels) != self.spec.vae_channels
+            or tuple(config.patch_size) != self.spec.patch_size
+        ):
+            raise ValueError(
+                f"the DiT (in_channels {config.in_channels}, patch {tuple(config.patch_size)}) does not match "
+                f"model spec {self.spec.name} (latent channels {self.spec.vae_channels}, patch {self.spec.patch_size})"
+            )
+        if vae is not None and int(vae.config.z_dim) != self.spec.vae_channels:
+            raise ValueError(
+                f"the VAE has z_dim {vae.config.z_dim} but model spec {self.spec.name} expects "
+                f"{self.spec.vae_channels} latent channels"
+            )
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+        if _floating_dtypes_off(dit, dtype):
+            logger.info("casting the DiT to %s (fp32 modules kept)", dtype)
+            _cast_dit(dit, dtype)
+        self.dit = dit.to(self.device).eval().requires_grad_(False)
+        if isinstance(schedule, str) and schedule.lower() == "none":
+            schedule = None
+        if schedule is not None:
+            t3.transform(self.dit, schedule, backend=backend)
+        self.schedule = schedule_of(self.dit)
+
+        self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
+        self.vae_tiling = vae_tiling
+
+        if isinstance(text_encoder, str | os.PathLike):
+            text_encoder = load_text_encoder(text_encoder)
+        self.text_encoder = text_encoder
+        if embedding_cache is None:
+            if text_encoder is None:
+                raise ValueError(
+                    "T2VGenerator needs a text_encoder or an embedding_cache holding the prompts"
+                )
+            embedding_cache = PromptEmbeddingCache(text_encoder, max_length=self.spec.text_len)
+        self.embedding_cache = embedding_cache
+
+        self.scheduler = (
+            build_scheduler(scheduler, flow_shift=flow_shift) if isinstance(scheduler, str) else scheduler
+        )
+        logger.info(
+            "T2VGenerator: %s, schedule %s, %s, %s on %s",
+            self.spec.name,
+            self.schedule.name if self.schedule is not None else "none (untransformed)",
+            type(self.scheduler).__name__,
+            dtype,
+            self.device,
+        )
+
+    def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, int, int, int]:
+        """Latent ``(C, T, H, W)`` of one video; checks the size first."""
+        check_video_size(height, width, frames, self.spec)
+        return self.spec.latent_shape(frames, height, width)
+
+    def check_schedule(self, height: int, width: int, frames: int) -> None:
+        """Fail now, naming the layer, if the T3 schedule cannot run on this video's token grid."""
+        if self.schedule is None:
+            return
+        grid = token_grid(self.dit, (1, *self.latent_shape(height, width, frames)))
+        self.schedule.plans(grid, len(self.dit.blocks))
+
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Zero-padded prompt embeddings ``[B, text_len, dim]`` on the DiT's device and dtype (cached)."""
+        embeddings, _ = self.embedding_cache.get(list(prompts))
+        return embeddings.to(self.device, self.dtype)
+
+    def denoise_fn(self, x: torch.Tensor, timestep: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The DiT as `t3.diffusion.sample` calls it: the flow prediction for ``x`` at ``timestep``."""
+        return self.dit(x, timestep, return_dict=False, **kwargs)[0]
+
+
+# --- generate ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    # Kernels run asynchronously on CUDA; without a sync the timings would only measure the launches.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _timer(device: torch.device) -> Iterator[list[float]]:
+    """Yields a one-element list that holds the elapsed seconds once the block exits."""
+    elapsed = [0.0]
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        yield elapsed
+    finally:
+        _sync(device)
+        elapsed[0] = time.perf_counter() - start
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` and prove it is writable, so a bad path fails before any model work."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # os.access lies for root and on read-only mounts; creating a file does not.
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write videos to out_dir {out}: {err.strerror or err}") from err
+    return out
+
+
+def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """``[3, F, H, W]`` in ``[-1, 1]`` -> uint8 ``[F, H, W, 3]`` (rounded, unlike diffusers' truncation)."""
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"generate: prompt {i} must be a str, got {type(p).__name__}")
+    return prompts
+
+
+def generate(
+    prompts: str | Sequence[str],
+    *,
+    generator: T2VGenerator,
+    height: int,
+    width: int,
+    frames: int,
+    steps: int = 50,
+    guidance_scale: float = 5.0,
+    negative_prompt: str | None = WAN_NEGATIVE_PROMPT,
+    seed: int = 0,
+    fps: float = 16,
+    out_dir: str | os.PathLike | None = None,
+    latents_only: bool = False,
+    batch_size: int = 1,
+    return_latents: bool = False,
+    progress: bool = True,
+) -> list[GenerationResult]:
+    """Generate one video per prompt.
+
+    Seeds: prompt ``i`` (its position in ``prompts``) starts from noise drawn on CPU with seed ``seed + i``,
+    so its video does not depend on ``batch_size`` or the device's RNG, and the same seed gives bit-identical
+    latents on CPU. Use a disjoint seed range per call when sharding a prompt list.
+
+    Args:
+        prompts: A prompt or a list of prompts.
+        generator: The loaded model (`T2VGenerator`).
+        height: Frame height in pixels (a multiple of the model's `ModelSpec.pixel_multiple`).
+        width: Frame width in pixels (likewise).
+        frames: Number of frames, ``4k + 1``.
+        steps: Sampler steps.
+        guidance_scale: Classifier-free guidance scale; ``<= 1`` disables CFG (no negative prompt pass).
+        negative_prompt: Prompt of the unconditional pass (Wan's standard one by default; None = ``""``).
+        seed: Seed of prompt 0; prompt ``i`` uses ``seed + i``.
+        fps: Frame rate of written videos.
+        out_dir: Folder for the mp4s (created if missing), named by `video_file_name`; None keeps the decoded
+            frames in the results instead.
+        latents_only: Skip the VAE decode and writing (for speed measurements); results carry the latents.
+        batch_size: Prompts denoised together (CFG doubles the DiT batch).
+        return_latents: Also keep the final latents in the results when decoding.
+        progress: Show a tqdm bar over the sampler steps.
+
+    Returns:
+        One `GenerationResult` per prompt, in order.
+
+    Raises:
+        ValueError: For an invalid size (naming the nearest valid ones), step count, batch size or fps, or a
+            T3 schedule that does not fit the token grid, all before any model work.
+        OSError: If ``out_dir`` cannot be created or written.
+    """
+    prompts = _as_prompt_list(prompts)
+    gen = generator
+    latent_shape = gen.latent_shape(height, width, frames)  # checks the size
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    gen.check_schedule(height, width, frames)
+    decode = not latents_only
+    if decode and gen.vae is None:
+        raise ValueError("generate: this T2VGenerator has no VAE; pass latents_only=True or give it a VAE")
+    out = _prepare_out_dir(out_dir) if (out_dir is not None and decode) else None
+    if out_dir is not None and not decode:
+        logger.info("latents_only: nothing is written to %s", out_dir)
+
+    use_cfg = guidance_scale > 1.0
+    negative = negative_prompt or ""
+    logger.info(
+        "generating %d video(s) of %dx%d x %d frames (latents %s): %d steps, guidance %.2f, batch %d, seeds %d..%d",
+        len(prompts), width, height, frames, latent_shape, steps, guidance_scale, batch_size,
+        seed, seed + len(prompts) - 1,
+    )  # fmt: skip
+
+    results: list[GenerationResult] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        size = len(batch)
+        seeds = [seed + start + j for j in range(size)]
+
+        with _timer(gen.device) as t_text:
+            cond = {"encoder_hidden_states": gen.embed(batch)}
+            uncond = (
+                {"encoder_hidden_states": gen.embed([negative]).expand(size, -1, -1)} if use_cfg else None
+            )
+
+        # One CPU generator per video: its noise depends only on its own seed.
+        rngs = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        with _timer(gen.device) as t_denoise:
+            latents = sample(
+                gen.denoise_fn,
+                (size, *latent_shape),
+                cond,
+                uncond,
+                scheduler=gen.scheduler,
+                num_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=rngs,
+                dtype=gen.dtype,
+                device=gen.device,
+                progress=progress,
+            )
+
+        for j in range(size):
+            index = start + j
+            result = GenerationResult(
+                index=index,
+                prompt=batch[j],
+                seed=seeds[j],
+                batch_size=size,
+                timings=Timings(text_encoding=t_text[0], denoising=t_denoise[0]),
+            )
+            if latents_only or return_latents:
+                result.latents = latents[j].float().cpu().clone()
+            if decode:
+                # One video at a time bounds the VAE's activation memory at 4K.
+                with _timer(gen.device) as t_decode:
+                    video = decode_latents(gen.vae, latents[j : j + 1], tiled=gen.vae_tiling)
+                    pixels = _to_uint8_frames(video[0])
+                result.timings.decode = t_decode[0]
+                if out is not None:
+                    path = out / video_file_name(index, seeds[j])
+                    with _timer(gen.device) as t_write:
+                        write_video(path, pixels, fps)
+                    result.timings.write = t_write[0]
+                    result.video_path = path
+                    logger.info("wrote %s (prompt %d, seed %d)", path, index, seeds[j])
+                else:
+                    result.frames = pixels
+            results.append(result)
+        logger.info(
+            "batch %d-%d: text %.2fs, denoise %.2fs%s",
+            start, start + size - 1, t_text[0], t_denoise[0],
+            f", decode {sum(r.timings.decode for r in results[-size:]):.2f}s" if decode else "",
+        )  # fmt: skip
+    return results
+
+
+# --- diffusers interoperability ---------------------------------------------------------------------------
+
+
+def _tokenizer_and_encoder(text_encoder: Any) -> tuple[Any, torch.nn.Module]:
+    if isinstance(text_encoder, str | os.PathLike):
+        text_encoder = load_text_encoder(text_encoder)
+    if isinstance(text_encoder, TextEncoder):
+        return text_encoder.tokenizer, text_encoder.model
+    if isinstance(text_encoder, tuple | list) and len(text_encoder) == 2:
+        first, second = text_encoder
+        return (second, first) if isinstance(first, torch.nn.Module) else (first, second)
+    raise TypeError(
+        "text_encoder must be a path, a t3.models.TextEncoder or a (tokenizer, UMT5EncoderModel) pair, "
+        f"got {type(text_encoder).__name__}"
+    )
+
+
+def make_wan_pipeline(
+    dit: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder_path_or_objects: str | os.PathLike | TextEncoder | tuple[Any, Any],
+    scheduler: str | SchedulerMixin = "unipc",
+    *,
+    schedule: Schedule | str | None = None,
+    backend: str = "auto",
+    flow_shift: float = 5.0,
+    expand_timesteps: bool = False,
+):
+    """Assemble a diffusers ``WanPipeline`` from local components around a T3 DiT.
+
+    The pipeline is plain diffusers: ``pipe(prompt=..., negative_prompt=WAN_NEGATIVE_PROMPT, ...)`` works as
+    documented there, with T3 attention inside the transformer.
+
+    Args:
+        dit: A ``WanTransformer3DModel``, already transformed with `t3.transform` or transformed here.
+        vae: The ``AutoencoderKLWan``.
+        text_encoder_path_or_objects: A folder for `t3.models.load_text_encoder`, a `TextEncoder`, or a
+            ``(tokenizer, UMT5EncoderModel)`` pair.
+        scheduler: ``"unipc"``, ``"euler"`` or a diffusers scheduler instance.
+        schedule: If given, ``t3.transform(dit, schedule, backend)`` is applied first.
+        backend: T3 attention backend when ``schedule`` is given.
+        flow_shift: Timestep shift for a scheduler built from a name.
+        expand_timesteps: The pipeline's per-token timestep mode (True in the Wan2.2-TI2V-5B release).
+
+    Returns:
+        A ``diffusers.WanPipeline``.
+    """
+    from diffusers import WanPipeline
+
+    if schedule is not None:
+        t3.transform(dit, schedule, backend=backend)
+    elif schedule_of(dit) is None:
+        logger.info(
+            "make_wan_pipeline: the DiT is not transformed; the pipeline runs dense diffusers attention"
+        )
+    tokenizer, encoder = _tokenizer_and_encoder(text_encoder_path_or_objects)
+    if isinstance(scheduler, str):
+        scheduler = build_scheduler(scheduler, flow_shift=flow_shift)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=dit,
+        expand_timesteps=expand_timesteps,
+    )
