@@ -1,0 +1,72 @@
+"""Training data: latent shards (schema, writer, fault-tolerant streaming reader), resolution buckets, clip
+decoding and a synthetic moving-shape source for tests and CPU demos.
+
+* :mod:`t3.data.shards`: the sample schema, :func:`build_latent_dataset`, :func:`write_shards` and
+  :func:`prepare_shards` (the logic of ``data/prepare.py``).
+* :mod:`t3.data.buckets`: batching by latent shape.
+* :mod:`t3.data.video`: :func:`load_clip` and its error types.
+* :mod:`t3.data.synthetic`: procedural videos with captions, as pixels or as encoded samples.
+"""
+
+from __future__ import annotations
+
+from t3.data.buckets import BucketBatcher, collate_samples, consecutive_batches, latent_shape_key
+from t3.data.shards import (
+    SCHEMA_VERSION,
+    SKIP_REASONS,
+    LatentShardDataset,
+    PrepareResult,
+    SampleError,
+    SkipCounter,
+    VideoListEntry,
+    build_latent_dataset,
+    decode_sample,
+    encode_sample,
+    list_shards,
+    prepare_shards,
+    read_manifest,
+    read_video_list,
+    write_shards,
+)
+from t3.data.synthetic import SyntheticLatentDataset, SyntheticVideoDataset, synthetic_video
+from t3.data.video import (
+    Clip,
+    ClipError,
+    TooFewFramesError,
+    UnreadableVideoError,
+    VideoTooSmallError,
+    load_clip,
+    read_clip,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SKIP_REASONS",
+    "BucketBatcher",
+    "Clip",
+    "ClipError",
+    "LatentShardDataset",
+    "PrepareResult",
+    "SampleError",
+    "SkipCounter",
+    "SyntheticLatentDataset",
+    "SyntheticVideoDataset",
+    "TooFewFramesError",
+    "UnreadableVideoError",
+    "VideoListEntry",
+    "VideoTooSmallError",
+    "build_latent_dataset",
+    "collate_samples",
+    "consecutive_batches",
+    "decode_sample",
+    "encode_sample",
+    "latent_shape_key",
+    "list_shards",
+    "load_clip",
+    "prepare_shards",
+    "read_clip",
+    "read_manifest",
+    "read_video_list",
+    "synthetic_video",
+    "write_shards",
+]
