@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from t3.attention.flops import WAN21_T2V_1_3B, WAN22_TI2V_5B, MacBreakdown, dit_macs, grid_for
+from t3.attention.flops import MacBreakdown, dit_macs, grid_for
 from t3.attention.plan import Grid
 from t3.attention.schedule import Schedule, get_schedule
+from t3.models.presets import get_spec
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 FRAMES = 81
@@ -54,20 +55,27 @@ JSON_KEYS = (
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model of the table: DiT config, VAE stride and the T3 schedules that go with it."""
+    """A model of the table: its preset (DiT config, VAE stride) and the T3 schedules that go with it."""
 
     name: str
-    config: dict[str, Any]
-    vae_stride: tuple[int, int, int]
+    preset: str  # t3.models.presets name
     per_token_timestep: bool
     schedule: str  # window-size preset, used at every resolution
     schedule_4k: str  # the authors' fixed-piece preset it reproduces at 4K
 
+    @property
+    def config(self) -> dict[str, Any]:
+        return get_spec(self.preset).dit_config
+
+    @property
+    def vae_stride(self) -> tuple[int, int, int]:
+        return get_spec(self.preset).vae_stride
+
 
 MODELS: tuple[ModelEntry, ...] = (
-    ModelEntry("Wan2.1-T2V-1.3B", WAN21_T2V_1_3B, (4, 8, 8), False, "wan21_windows", "wan21_4k"),
+    ModelEntry("Wan2.1-T2V-1.3B", "wan2.1-t2v-1.3b", False, "wan21_windows", "wan21_4k"),
     # Wan2.2-TI2V-5B feeds one timestep per token (the first frame's tokens get t=0 in TI2V).
-    ModelEntry("Wan2.2-TI2V-5B", WAN22_TI2V_5B, (4, 16, 16), True, "wan22_windows", "wan22_4k"),
+    ModelEntry("Wan2.2-TI2V-5B", "wan2.2-ti2v-5b", True, "wan22_windows", "wan22_4k"),
 )
 
 
@@ -88,7 +96,7 @@ def table_rows() -> list[dict[str, Any]]:
     rows = []
     for entry in MODELS:
         schedule = get_schedule(entry.schedule)
-        multiple = entry.vae_stride[1] * entry.config["patch_size"][1]
+        multiple = get_spec(entry.preset).pixel_multiple
         for label, height, width in RESOLUTIONS:
             height, width = height // multiple * multiple, width // multiple * multiple
             grid = grid_for(entry.config, entry.vae_stride, height, width, FRAMES)

@@ -19,8 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import t3
 from t3.attention import WindowPlan, build_schedule, get_schedule, t3_attention
 from t3.attention.flops import (
-    WAN21_T2V_1_3B,
-    WAN22_TI2V_5B,
     dense_attention_macs,
     dit_macs,
     grid_for,
@@ -28,20 +26,14 @@ from t3.attention.flops import (
     schedule_attention_macs,
 )
 from t3.attention.plan import effective_branches
+from t3.models.presets import dit_config
+from t3.models.tiny import TINY_DIT_CONFIG
+
+WAN21 = dit_config("wan2.1-t2v-1.3b")
+WAN22 = dit_config("wan2.2-ti2v-5b")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=16,
-    ffn_dim=32,
-    num_layers=5,
-    rope_max_seq_len=32,
-)
+TINY = TINY_DIT_CONFIG  # 2 heads x 12, 5 layers, 4 latent channels, text_dim 16
 TINY_GRID = (3, 4, 6)  # a [1, 4, 3, 8, 12] latent after (1, 2, 2) patches
 # One period of 5 rules on TINY_GRID: a per-frame plan whose branches coincide, a padded plan
 # ((2, 3, 4) pads 3x4x6 to 4x6x8), one token per group (coincide) and dense.
@@ -198,19 +190,19 @@ def attention_ratio(config, schedule_name: str, grid, share: bool | None) -> Fra
 
 def test_wan21_4k_attention_reduction_matches_the_paper():
     grid = (21, 136, 240)
-    both = attention_ratio(WAN21_T2V_1_3B, "wan21_4k", grid, share=False)
-    shared = attention_ratio(WAN21_T2V_1_3B, "wan21_4k", grid, share=True)
+    both = attention_ratio(WAN21, "wan21_4k", grid, share=False)
+    shared = attention_ratio(WAN21, "wan21_4k", grid, share=True)
     assert 42.5 < both < 43.5  # the paper's ~43x, both branches always computed
     assert both == Fraction(285600, 6641)  # 43.0056
     assert shared == Fraction(95200, 1307)  # 72.8386: layer 0 (21,1,1) computes one branch
-    assert attention_ratio(WAN21_T2V_1_3B, "wan21_4k", grid, share=None) == shared  # the preset shares
+    assert attention_ratio(WAN21, "wan21_4k", grid, share=None) == shared  # the preset shares
 
 
 @pytest.mark.parametrize(
     ("config", "windows", "pieces", "grid"),
     [
-        (WAN21_T2V_1_3B, "wan21_windows", "wan21_4k", (21, 136, 240)),
-        (WAN22_TI2V_5B, "wan22_windows", "wan22_4k", (21, 68, 120)),
+        (WAN21, "wan21_windows", "wan21_4k", (21, 136, 240)),
+        (WAN22, "wan22_windows", "wan22_4k", (21, 68, 120)),
     ],
 )
 def test_window_presets_cost_the_authors_plans_at_4k(config, windows, pieces, grid):
@@ -225,8 +217,8 @@ def test_window_presets_cost_the_authors_plans_at_4k(config, windows, pieces, gr
 
 
 def test_grid_for():
-    assert grid_for(WAN21_T2V_1_3B, (4, 8, 8), 2176, 3840, 81) == (21, 136, 240)
-    assert grid_for(WAN22_TI2V_5B, (4, 16, 16), 2176, 3840, 81) == (21, 68, 120)
+    assert grid_for(WAN21, (4, 8, 8), 2176, 3840, 81) == (21, 136, 240)
+    assert grid_for(WAN22, (4, 16, 16), 2176, 3840, 81) == (21, 68, 120)
     assert grid_for((1, 2, 2), (4, 8, 8), 480, 832, 81) == (21, 30, 52)
     assert grid_for(WanTransformer3DModel(**TINY), (4, 8, 8), 64, 96, 9) == (3, 4, 6)
 

@@ -10,20 +10,10 @@ import t3
 import t3.swap
 from t3.attention import PlanError, build_schedule
 from t3.attention.reference import t3_attention_reference
+from t3.models.tiny import TINY_DIT_CONFIG
 from t3.swap import T3AttnProcessor, schedule_of
 
-TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=16,
-    ffn_dim=32,
-    num_layers=5,
-    rope_max_seq_len=32,
-)
+TINY = TINY_DIT_CONFIG  # 2 heads x 12, 5 layers, 4 latent channels, text_dim 16
 # One period of 5 layer rules on the grid (3, 4, 6) of a [B, 4, 3, 8, 12] latent, with padding.
 MIXED = build_schedule("mixed", pieces=[(3, 1, 1), (1, 2, 3), (3, 4, 6), (2, 3, 4), (1, 1, 1)])
 

@@ -25,8 +25,6 @@ from t3.attention.plan import Grid, WindowPlan, check_branches, check_grid, effe
 from t3.attention.schedule import Schedule
 
 __all__ = [
-    "WAN21_T2V_1_3B",
-    "WAN22_TI2V_5B",
     "MacBreakdown",
     "dense_attention_macs",
     "dit_macs",
@@ -34,36 +32,6 @@ __all__ = [
     "plan_attention_macs",
     "schedule_attention_macs",
 ]
-
-# Architectures of the two models the paper evaluates, as diffusers ``WanTransformer3DModel`` config
-# keys (the values of the released ``config.json`` files). Kept here as plain dicts so the MAC
-# counter needs neither diffusers nor the model presets module.
-WAN21_T2V_1_3B: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-}
-WAN22_TI2V_5B: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 24,
-    "attention_head_dim": 128,
-    "in_channels": 48,
-    "out_channels": 48,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 14336,
-    "num_layers": 30,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-}
 
 
 def dense_attention_macs(tokens: int, heads: int, head_dim: int, kv_tokens: int | None = None) -> int:
