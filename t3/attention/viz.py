@@ -84,9 +84,16 @@ def draw(
         )
         for c, t in enumerate(frames):
             ax = axes[r][c + 1]
-            ax.imshow(mask[t].numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            frame = mask[t]
+            if 0 < int(frame.sum()) <= frame.numel() // 8:
+                # Sparse (dilated) groups: draw each token as a marker so single tokens stay visible.
+                ax.imshow(torch.zeros_like(frame).numpy(), cmap=cmap, vmin=0, vmax=1)
+                hs, ws = frame.nonzero(as_tuple=True)
+                ax.scatter(ws.numpy(), hs.numpy(), s=1.2, marker="s", color="#3465a4", linewidths=0)
+            else:
+                ax.imshow(frame.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             if t == query[0]:
-                ax.plot(query[2], query[1], "o", color="#cc0000", markersize=3)
+                ax.plot(query[2], query[1], "o", color="#cc0000", markersize=2.5, zorder=3)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
