@@ -21,9 +21,7 @@ import csv
 import functools
 import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from t3.attention import LayerRule, t3_attention
 from t3.attention.flops import dense_attention_macs, plan_attention_macs
 from t3.attention.plan import effective_branches
 from t3.attention.reference import straightforward_t3_attention
+from t3.io import atomic_path, write_text_atomic
 from t3.profiling import device_name, peak_memory_bytes, saved_for_backward_bytes, time_call
 
 # T = 21 latent frames (81 video frames); H x W grow so tokens go from 1,344 to 64,512.
@@ -52,18 +51,6 @@ def fit_exponent(tokens: list[int], seconds: list[float]) -> float:
     xs, ys = [math.log(t) for t in tokens], [math.log(s) for s in seconds]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-
-
-def write_atomic(path: Path, write) -> None:  # noqa: ANN001
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -167,7 +154,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -201,16 +189,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = table(rows, header)
     print(text)
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
-    write_atomic(args.out / f"attention_{tag}.md", lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_text_atomic(args.out / f"attention_{tag}.md", text + "\n")
     fields = sorted({key for r in rows for key in r}, key=lambda k: (k not in ("tokens", "grid", "plan"), k))
 
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomic(args.out / f"attention_{tag}.csv", write_csv)
+    with atomic_path(args.out / f"attention_{tag}.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
     plot(rows, args.out / f"attention_{tag}.png", header)
     return rows
 

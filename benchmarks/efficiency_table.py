@@ -16,7 +16,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 from t3.attention.flops import MacBreakdown, dit_macs, grid_for
 from t3.attention.plan import Grid
 from t3.attention.schedule import Schedule, get_schedule
+from t3.io import write_text_atomic
 from t3.models.presets import get_spec
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -183,18 +183,6 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A per-process name in the same folder: os.replace is atomic only within one file system.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -213,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rows = table_rows()
     table = markdown(rows)
-    write_atomic(args.out / "efficiency_table.md", table)
-    write_atomic(args.out / "efficiency_table.csv", csv_text(rows))
+    write_text_atomic(args.out / "efficiency_table.md", table)
+    write_text_atomic(args.out / "efficiency_table.csv", csv_text(rows))
     if args.json:
         for r in rows:
             print(json.dumps({k: r[k] for k in JSON_KEYS}))

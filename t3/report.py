@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from t3.summary import SUMMARY_NAME, read_run_summary, write_json_atomic
+from t3.io import atomic_path, write_json_atomic, write_text_atomic
+from t3.summary import SUMMARY_NAME, read_run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +209,9 @@ def plot(report: Report, path: Path, quality: str, speed: str) -> bool:
     ax.set(xlabel=speed, ylabel=quality, title="quality vs speed per variant")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return True
 
 
@@ -226,10 +225,7 @@ def write(report: Report, out_dir: Path, title: str, quality: str, speed: str) -
     writer.writerows([["" if v is None else v for v in row] for row in table])
     written = {}
     for name, text in (("report.md", markdown(report, title)), ("report.csv", buffer.getvalue())):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
-        written[name] = out_dir / name
+        written[name] = write_text_atomic(out_dir / name, text)
     written["report.json"] = write_json_atomic(
         out_dir / "report.json", {"header": header, "rows": table, "varying": report.varying}
     )

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 from t3.attention.index import group_ids
 from t3.attention.plan import Grid, WindowPlan, check_grid, effective_branches
 from t3.attention.schedule import get_schedule
+from t3.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +99,11 @@ def draw(
                 ax.set_title(f"t={t}", fontsize=7)
     fig.suptitle(title or f"grid {grid}, query {query}", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     logger.info("wrote %s", path)
     return path
 

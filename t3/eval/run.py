@@ -1,0 +1,188 @@
+"""``eval.py``'s task: turn the composed ``conf/eval.yaml`` into a call of one stage.
+
+* ``stage=generate`` (default): this shard's videos (`t3.eval.generate_stage.run_generation`);
+  ``dry_run=true`` prints one line per shard and loads nothing;
+* ``stage=score``: ``results.json`` / ``results.md`` / wandb table (`t3.eval.score_stage.run_scoring`);
+* ``stage=speed``: dense vs T3 latency, memory and MACs (`t3.eval.speed_stage.run_speed`).
+
+Config values are checked here, before any weights are read; errors are one line naming the key.
+Relative paths are relative to the working directory (Hydra does not change it, ``hydra.job.chdir=false``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from t3.attention import Schedule
+from t3.eval.generate_stage import GenerationSettings, ModelPaths, check_settings, run_generation
+from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
+from t3.eval.score_stage import FVDSettings, ScoreSettings, run_scoring
+from t3.eval.speed_stage import SpeedSettings, run_speed
+
+__all__ = ["STAGES", "run"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("generate", "score", "speed")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _settings(cls: type, node: Any, key: str) -> Any:
+    """Build the settings dataclass ``cls`` from config node ``key``, naming unknown or bad keys."""
+    values = _plain(node) or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]}: unknown key; accepted: {sorted(names)}")
+    return cls(**values)
+
+
+def _schedule(cfg: DictConfig) -> Schedule:
+    from hydra.utils import instantiate
+
+    schedule = instantiate(cfg.t3)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"t3: expected a T3 schedule config (conf/t3/*.yaml), got {type(schedule).__name__}")
+    return schedule
+
+
+def _model(cfg: DictConfig) -> ModelPaths:
+    # select() reads a mandatory-but-unset value (``dit_path: ???``) as None: the dry run and the MAC
+    # count need no weights, and generation names the missing key itself.
+    return ModelPaths(
+        preset=cfg.model.preset,
+        dit_path=cfg.ckpt if cfg.ckpt is not None else OmegaConf.select(cfg, "model.dit_path"),
+        vae_path=OmegaConf.select(cfg, "model.vae_path"),
+        text_encoder_path=OmegaConf.select(cfg, "model.text_encoder_path"),
+    )
+
+
+def _prompts(cfg: DictConfig) -> list[PromptEntry]:
+    path = cfg.benchmark.prompts
+    if path is None:
+        raise ValueError(
+            f"benchmark.prompts is null for benchmark {cfg.benchmark.name!r}; give a prompt list"
+        )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"benchmark.prompts={str(path)!r}: no such file (relative to {Path.cwd()})")
+    return load_prompts(path, limit=cfg.benchmark.get("limit"))
+
+
+def _generation(cfg: DictConfig) -> GenerationSettings:
+    values = _plain(cfg.generation)
+    if "backend" in values:
+        raise ValueError(
+            "generation.backend: unknown key; the T3 attention backend is model.attention_backend"
+        )
+    values["backend"] = OmegaConf.select(cfg, "model.attention_backend", default="auto")
+    if "seeds" in values:
+        values["seeds"] = tuple(values["seeds"])
+    return _settings(GenerationSettings, values, "generation")
+
+
+def run(cfg: DictConfig) -> Any:
+    """Run the stage ``cfg.stage`` of ``conf/eval.yaml``.
+
+    Returns:
+        ``generate``: a `GenerationSummary` (the dry run: the printed lines); ``score``: the content of
+        ``results.json``; ``speed``: the content of ``speed.json``.
+
+    Raises:
+        ValueError: For an unknown stage or a bad config value (one line naming the key).
+    """
+    stage = cfg.stage
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {list(STAGES)}")
+    if stage == "generate":
+        return _run_generate(cfg)
+    if stage == "score":
+        return _run_score(cfg)
+    return _run_speed(cfg)
+
+
+def _run_generate(cfg: DictConfig) -> Any:
+    entries = _prompts(cfg)
+    shard_index, num_shards = resolve_shard(cfg.shard_index, cfg.num_shards)
+    settings = _generation(cfg)
+    model = _model(cfg)
+    schedule = _schedule(cfg)
+    if cfg.dry_run:
+        check_settings(settings, model, schedule)  # a dry run is also the cheap check of a config
+        lines = describe_shards(entries, num_shards)
+        for line in lines:
+            print(line)  # noqa: T201 - the dry run's listing is the CLI's output
+        logger.info(
+            "dry run: %d prompt(s) x %d seed(s) of %s into %s; nothing loaded",
+            len(entries), len(settings.seeds), cfg.benchmark.name, cfg.out_dir,
+        )  # fmt: skip
+        return lines
+    return run_generation(
+        entries,
+        out_dir=cfg.out_dir,
+        settings=settings,
+        model=model,
+        schedule=schedule,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        hash_cache=cfg.get("hash_cache"),
+    )
+
+
+def _run_score(cfg: DictConfig) -> dict[str, Any]:
+    entries = _prompts(cfg)
+    m = cfg.metrics
+    fvd, tiled, clip = m.fvd_i3d, m.fvd_i3d_crop224, m.vtc_clip
+    settings = ScoreSettings(
+        fvd=FVDSettings(
+            weights=fvd.weights,
+            sha256=fvd.sha256,
+            enabled=fvd.enabled,
+            tiled=tiled.enabled,
+            num_frames=fvd.num_frames,
+            start=fvd.start,
+            frame_stride=fvd.frame_stride,
+            size=fvd.size,
+            tiles_per_video=tiled.tiles_per_video,
+            tile_seed=tiled.seed,
+            batch_size=fvd.batch_size,
+        ),
+        clip_weights=clip.weights,
+        clip_enabled=clip.enabled,
+        clip_num_frames=clip.num_frames,
+        viclip_weights=m.vtc_viclip.weights,
+        dover_weights=m.vqa_dover.weights,
+        device=m.device,
+        require_complete=cfg.score.require_complete,
+    )
+    wandb_config = _plain(cfg.wandb)
+    if not wandb_config.get("name"):
+        wandb_config["name"] = f"eval-{cfg.benchmark.name}-{cfg.run_name}"
+    return run_scoring(
+        entries,
+        out_dir=cfg.out_dir,
+        seeds=_generation(cfg).seeds,
+        settings=settings,
+        data_root=cfg.benchmark.get("data_root"),
+        benchmark=cfg.benchmark.name,
+        wandb_config=wandb_config,
+    )
+
+
+def _run_speed(cfg: DictConfig) -> dict[str, Any]:
+    speed_values = _plain(cfg.speed)
+    out_dir = speed_values.pop("out_dir")
+    return run_speed(
+        model=_model(cfg),
+        schedule=_schedule(cfg),
+        generation=_generation(cfg),
+        speed=_settings(SpeedSettings, speed_values, "speed"),
+        out_dir=out_dir,
+    )

@@ -1,0 +1,437 @@
+"""The scoring stage: metrics of the generated videos (and of the references, for FVD).
+
+Reads every complete video of the run (`t3.eval.generate_stage.is_complete`) and, where the benchmark
+has a data root, the reference video named by each prompt's ``data_file``. Each video is decoded once,
+only at the frames some metric needs (decord). Writes ``results.json`` (atomically), ``results.md``
+and, when enabled, a wandb table (``eval/results``) plus one scalar per metric (``eval/<name>``).
+
+Metrics, their protocols and why two of them are always skipped: see `t3.eval.metrics`. None of them is
+the T3 paper's VQA or VTC.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from t3.eval.generate_stage import (
+    VideoJob,
+    is_complete,
+    resolve_device,
+    video_jobs,
+    write_json_atomic,
+    write_text_atomic,
+)
+from t3.eval.metrics import (
+    DOVER_SKIP_REASON,
+    FVD_NAME,
+    FVD_TILED_NAME,
+    METRIC_NAMES,
+    VICLIP_SKIP_REASON,
+    VQA_DOVER_NAME,
+    VTC_CLIP_NAME,
+    VTC_VICLIP_NAME,
+    ClipConsistency,
+    FrechetVideoDistance,
+    I3DFeatures,
+    MetricResult,
+    load_i3d,
+    skipped,
+)
+from t3.eval.metrics.base import num_video_frames, read_frames, resolve_weights
+from t3.eval.metrics.fvd import DETECTOR_KWARGS, I3D_NUM_FEATURES, clip_indices, random_tiles, resized_clip
+from t3.eval.prompts import PromptEntry
+
+__all__ = ["FVDSettings", "ScoreSettings", "run_scoring"]
+
+logger = logging.getLogger(__name__)
+
+NOT_THE_PAPER = (
+    "Metrics are defined by t3 and named after their models; they are not the T3 paper's VQA/VTC numbers "
+    "(the paper does not name its models and reports no FVD)."
+)
+
+
+@dataclass(frozen=True)
+class FVDSettings:
+    """``metrics.fvd_i3d`` and ``metrics.fvd_i3d_crop224`` (see `t3.eval.metrics.fvd` for the protocol).
+
+    Attributes:
+        weights: Local ``i3d_torchscript.pt`` (None: both FVD metrics are skipped).
+        sha256: Expected sha256 of ``weights``; None records the actual one with a warning.
+        enabled: Compute ``fvd_i3d``.
+        tiled: Compute ``fvd_i3d_crop224``.
+        num_frames: Frames per clip (16).
+        start: First frame of the clip (0).
+        frame_stride: Step between clip frames (1).
+        size: Resize target / tile size (224).
+        tiles_per_video: Full-resolution tiles per video for ``fvd_i3d_crop224``.
+        tile_seed: Seed of the tile positions.
+        batch_size: Clips per detector call.
+        num_features: Detector feature size (400 for the I3D).
+    """
+
+    weights: str | None = None
+    sha256: str | None = None
+    enabled: bool = True
+    tiled: bool = True
+    num_frames: int = 16
+    start: int = 0
+    frame_stride: int = 1
+    size: int = 224
+    tiles_per_video: int = 4
+    tile_seed: int = 0
+    batch_size: int = 8
+    num_features: int = I3D_NUM_FEATURES
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "detector": "StyleGAN-V i3d_torchscript.pt (tf.hub deepmind/i3d-kinetics-400/1), Kinetics-400 logits",
+            "detector_kwargs": dict(DETECTOR_KWARGS),
+            "clip": f"{self.num_frames} frames from frame {self.start}, stride {self.frame_stride}",
+            "input": "float32 [B, 3, T, H, W] in [-1, 1] (x / 127.5 - 1 of uint8 RGB)",
+            "statistics": "mean and unbiased covariance (N-1), float64; torchmetrics Frechet distance",
+        }
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """The ``metrics`` config node.
+
+    Attributes:
+        fvd: FVD settings.
+        clip_weights: Local CLIP folder for ``vtc_clip`` (None: skipped).
+        clip_enabled: Compute ``vtc_clip``.
+        clip_num_frames: Frames per video for ``vtc_clip``.
+        viclip_weights: ViCLIP weights (``vtc_viclip`` is skipped either way; see `t3.eval.metrics.vtc`).
+        dover_weights: DOVER weights (``vqa_dover`` is skipped either way; see `t3.eval.metrics.vqa`).
+        device: ``auto`` (CUDA if available) or a device name.
+        require_complete: Refuse to score while some videos of the run are missing.
+    """
+
+    fvd: FVDSettings = field(default_factory=FVDSettings)
+    clip_weights: str | None = None
+    clip_enabled: bool = True
+    clip_num_frames: int = 8
+    viclip_weights: str | None = None
+    dover_weights: str | None = None
+    device: str = "auto"
+    require_complete: bool = True
+
+
+@dataclass
+class _Video:
+    """A video to score: generated (with its job) or reference."""
+
+    path: Path
+    key: list[int]  # seeds the tile positions: [prompt index, video seed, is_reference]
+    prompt: str = ""
+
+
+class _FVDRun:
+    """One FVD variant being accumulated: its metric, its batch of clips, and its counts."""
+
+    def __init__(
+        self,
+        name: str,
+        metric: FrechetVideoDistance,
+        settings: FVDSettings,
+        device: torch.device,
+        sha256: str,
+    ) -> None:
+        self.name, self.metric, self.settings, self.device = name, metric, settings, device
+        self.sha256 = sha256
+        self.pending: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        self.counts = {True: 0, False: 0}  # clips that entered the statistics
+        self.left_out = {True: 0, False: 0}  # videos too short (or too small for the tiles)
+
+    def add(self, clips: torch.Tensor, real: bool) -> None:
+        self.pending[real].extend(clips)
+        self.counts[real] += len(clips)
+        if len(self.pending[real]) >= self.settings.batch_size:
+            self.flush(real)
+
+    def flush(self, real: bool) -> None:
+        if self.pending[real]:
+            self.metric.update(torch.stack(self.pending[real]).to(self.device), real=real)
+            self.pending[real] = []
+
+
+def _reference_videos(entries: Sequence[PromptEntry], data_root: str | os.PathLike | None) -> list[_Video]:
+    """The reference videos named by the prompts; one-line error for the first missing file."""
+    if data_root is None:
+        return []
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"benchmark.data_root={str(root)!r}: no such folder")
+    refs, seen = [], set()
+    for entry in entries:
+        if not entry.data_file or entry.data_file in seen:
+            continue
+        seen.add(entry.data_file)
+        path = root / entry.data_file
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"reference video {path} (data_file of prompt {entry.index}) does not exist under benchmark.data_root"
+            )
+        refs.append(_Video(path=path, key=[entry.index, 0, 1], prompt=entry.prompt))
+    return refs
+
+
+def _fvd_runs(
+    settings: FVDSettings, refs: list[_Video], device: torch.device, results: dict[str, MetricResult]
+) -> list[_FVDRun]:
+    """Build the enabled FVD variants, or record why each is skipped."""
+    names = [n for n, on in ((FVD_NAME, settings.enabled), (FVD_TILED_NAME, settings.tiled)) if on]
+    for name in (FVD_NAME, FVD_TILED_NAME):
+        if name not in names:
+            results[name] = skipped(name, f"disabled (metrics.{name}.enabled=false)")
+    if not names:
+        return []
+    weights = resolve_weights("metrics.fvd_i3d.weights", settings.weights)
+    reason = weights if isinstance(weights, str) else None
+    if reason is None and not refs:
+        reason = "no reference videos (benchmark.data_root is null or the prompts have no data_file)"
+    if reason is not None:
+        for name in names:
+            results[name] = skipped(name, reason)
+        return []
+    assert isinstance(weights, Path)
+    detector, sha = load_i3d(weights, sha256=settings.sha256, device=device)
+    feature = I3DFeatures(detector, settings.num_features)
+    return [_FVDRun(name, FrechetVideoDistance(feature).to(device), settings, device, sha) for name in names]
+
+
+def _feed_fvd(runs: list[_FVDRun], frames: np.ndarray | None, video: _Video, real: bool) -> None:
+    """Add one video's clip (``frames``, or None if the video is too short) to every FVD variant."""
+    for run in runs:
+        size = run.settings.size
+        if frames is None or (run.name == FVD_TILED_NAME and min(frames.shape[1:3]) < size):
+            run.left_out[real] += 1
+            logger.warning("%s: %s is too short or too small; left out", run.name, video.path)
+        elif run.name == FVD_NAME:
+            run.add(resized_clip(frames, size)[None], real)
+        else:
+            key = [run.settings.tile_seed, *video.key]
+            run.add(random_tiles(frames, run.settings.tiles_per_video, key, size), real)
+
+
+def _fvd_result(run: _FVDRun) -> MetricResult:
+    for real in (True, False):
+        run.flush(real)
+    s = run.settings
+    protocol = {
+        **s.protocol(),
+        "detector_path": s.weights,
+        "detector_sha256": run.sha256,
+        "videos_left_out": {"generated": run.left_out[False], "reference": run.left_out[True]},
+    }
+    if run.name == FVD_NAME:
+        protocol["resize"] = f"squash to {s.size}x{s.size}, bilinear with antialiasing, no crop"
+    else:
+        protocol["tiles"] = (
+            f"{s.tiles_per_video} tiles of {s.size}x{s.size} per video at full resolution, "
+            f"positions from default_rng([{s.tile_seed}, prompt index, seed, is_reference])"
+        )
+    if run.counts[True] < 2 or run.counts[False] < 2:
+        return skipped(run.name, f"needs >= 2 clips per side, got {run.counts[False]} generated and "
+                       f"{run.counts[True]} reference", **protocol)  # fmt: skip
+    value = float(run.metric.compute())
+    logger.info(
+        "%s = %.3f (%d generated, %d reference clips)", run.name, value, run.counts[False], run.counts[True]
+    )
+    return MetricResult(
+        name=run.name,
+        value=value,
+        status="ok",
+        message=f"{run.counts[False]} generated vs {run.counts[True]} reference clips; not comparable to FVD2048",
+        num_generated=run.counts[False],
+        num_reference=run.counts[True],
+        protocol=protocol,
+    )
+
+
+def _clip_scorer(
+    settings: ScoreSettings, device: torch.device, results: dict[str, MetricResult]
+) -> ClipConsistency | None:
+    if not settings.clip_enabled:
+        results[VTC_CLIP_NAME] = skipped(VTC_CLIP_NAME, "disabled (metrics.vtc_clip.enabled=false)")
+        return None
+    weights = resolve_weights("metrics.vtc_clip.weights", settings.clip_weights)
+    if isinstance(weights, str):
+        results[VTC_CLIP_NAME] = skipped(VTC_CLIP_NAME, weights)
+        return None
+    return ClipConsistency(weights, num_frames=settings.clip_num_frames, device=device)
+
+
+def run_scoring(
+    entries: Sequence[PromptEntry],
+    *,
+    out_dir: str | os.PathLike,
+    seeds: Sequence[int],
+    settings: ScoreSettings,
+    data_root: str | os.PathLike | None = None,
+    benchmark: str = "",
+    wandb_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score the run in ``out_dir`` and write ``results.json`` and ``results.md`` there.
+
+    Args:
+        entries: The benchmark's prompts (all of them).
+        out_dir: The generation stage's folder.
+        seeds: The seeds videos were generated with.
+        settings: Which metrics, with which weights.
+        data_root: Folder the prompts' ``data_file`` paths are relative to (None: no references).
+        benchmark: Benchmark name for the outputs.
+        wandb_config: ``{"enabled", "project", "mode", "name"}``; None or disabled logs nothing.
+
+    Returns:
+        The content of ``results.json``.
+
+    Raises:
+        RuntimeError: If videos are missing and ``settings.require_complete``, or none is complete.
+        FileNotFoundError: For a missing reference video or data root.
+    """
+    out = Path(out_dir)
+    jobs = video_jobs(entries, seeds, out)
+    done = [is_complete(j) for j in jobs]
+    complete: list[VideoJob] = [j for j, ok in zip(jobs, done, strict=True) if ok]
+    missing = [j.name for j, ok in zip(jobs, done, strict=True) if not ok]
+    if missing and settings.require_complete:
+        raise RuntimeError(
+            f"{len(missing)} of {len(jobs)} videos in {out} are missing or incomplete (first: {missing[0]}); "
+            "finish the generation stage or set score.require_complete=false"
+        )
+    if not complete:
+        raise RuntimeError(f"no complete videos in {out}; run the generation stage first")
+    if missing:
+        logger.warning(
+            "scoring %d of %d videos; %d missing (first: %s)",
+            len(complete),
+            len(jobs),
+            len(missing),
+            missing[0],
+        )
+    refs = _reference_videos(entries, data_root)
+    device = resolve_device(settings.device)
+
+    results: dict[str, MetricResult] = {}
+    fvd_runs = _fvd_runs(settings.fvd, refs, device, results)
+    clip = _clip_scorer(settings, device, results)
+    for name, reason, weights in (
+        (VTC_VICLIP_NAME, VICLIP_SKIP_REASON, settings.viclip_weights),
+        (VQA_DOVER_NAME, DOVER_SKIP_REASON, settings.dover_weights),
+    ):
+        given = f" (metrics.{name}.weights={weights} is not used)" if weights else ""
+        results[name] = skipped(name, reason + given)
+
+    fvd = settings.fvd
+    clip_scores: dict[str, float] = {}
+    if fvd_runs or clip is not None:
+        generated = [
+            _Video(path=j.mp4, key=[j.entry.index, j.seed, 0], prompt=j.entry.prompt) for j in complete
+        ]
+        for real, videos in ((False, generated), (True, refs if fvd_runs else [])):
+            for video in videos:
+                count = num_video_frames(video.path)
+                fvd_idx = clip_indices(count, fvd.num_frames, start=fvd.start, stride=fvd.frame_stride)
+                clip_idx = clip.frame_indices(count) if (clip is not None and not real) else []
+                # Decode each frame once, for every metric that needs it.
+                fvd_frames = fvd_idx if (fvd_runs and fvd_idx is not None) else []
+                wanted = sorted(set(clip_idx) | set(fvd_frames))
+                frames = dict(zip(wanted, read_frames(video.path, wanted), strict=True)) if wanted else {}
+                if fvd_runs:
+                    clip_frames = None if fvd_idx is None else np.stack([frames[i] for i in fvd_idx])
+                    _feed_fvd(fvd_runs, clip_frames, video, real)
+                if clip is not None and clip_idx:
+                    clip_scores[video.path.name] = clip.score(
+                        np.stack([frames[i] for i in clip_idx]), video.prompt
+                    )
+    for run in fvd_runs:
+        results[run.name] = _fvd_result(run)
+    if clip is not None:
+        value = float(clip.mean.compute())
+        logger.info("%s = %.4f over %d videos", VTC_CLIP_NAME, value, len(clip_scores))
+        results[VTC_CLIP_NAME] = MetricResult(
+            name=VTC_CLIP_NAME,
+            value=value,
+            status="ok",
+            message="CLIP cosine similarity, not the paper's VTC",
+            num_generated=len(clip_scores),
+            protocol=clip.protocol(),
+            per_video=clip_scores,
+        )
+
+    report = {
+        "benchmark": benchmark,
+        "run_dir": str(out),
+        "note": NOT_THE_PAPER,
+        "videos": {"expected": len(jobs), "complete": len(complete), "missing": missing},
+        "reference": {"data_root": None if data_root is None else str(data_root), "videos": len(refs)},
+        "device": str(device),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "metrics": {name: results[name].as_dict() for name in METRIC_NAMES},
+    }
+    write_json_atomic(out / "results.json", report)
+    write_text_atomic(out / "results.md", results_markdown(report))
+    logger.info("wrote %s and %s", out / "results.json", out / "results.md")
+    if wandb_config and wandb_config.get("enabled"):
+        _log_wandb(report, wandb_config, out)
+    return report
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def results_markdown(report: dict[str, Any]) -> str:
+    """The metrics of ``report`` as a Markdown table, with the note that they are not the paper's."""
+    lines = [
+        f"# Evaluation: {report['benchmark']}",
+        "",
+        f"Run: `{report['run_dir']}`; {report['videos']['complete']} of {report['videos']['expected']} videos; "
+        f"{report['reference']['videos']} reference videos.",
+        "",
+        f"{report['note']}",
+        "",
+        "| metric | value | generated | reference | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in report["metrics"].items():
+        notes = m["message"].replace("|", "/")
+        lines.append(
+            f"| `{name}` | {_format(m['value'])} | {m['num_generated']} | {m['num_reference']} | {notes} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _log_wandb(report: dict[str, Any], config: dict[str, Any], out: Path) -> None:
+    import wandb
+
+    run = wandb.init(
+        project=config.get("project", "t3-eval"),
+        name=config.get("name") or f"eval-{report['benchmark']}",
+        mode=config.get("mode"),
+        dir=str(out),
+        job_type="eval",
+        config={"benchmark": report["benchmark"], "run_dir": report["run_dir"], "note": report["note"]},
+    )
+    columns = ["metric", "value", "status", "num_generated", "num_reference", "message"]
+    table = wandb.Table(columns=columns)
+    scalars = {}
+    for name, m in report["metrics"].items():
+        table.add_data(name, m["value"], m["status"], m["num_generated"], m["num_reference"], m["message"])
+        if m["value"] is not None:
+            scalars[f"eval/{name}"] = m["value"]
+    run.log({"eval/results": table, **scalars})
+    run.finish()

@@ -1,0 +1,199 @@
+"""The eval generation stage: sharding, resumability after a kill, records, checkpoint hashing (tiny models, CPU).
+
+The 5-prompt benchmark (``benchmark=tiny``: the first 5 4K-VBench prompts) is generated at 64x64 with 5
+frames by the tiny DiT, VAE and text encoder, saved once per module and loaded through the public loaders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from t3.eval import run
+from t3.eval.generate_stage import checkpoint_sha256, is_complete, video_jobs
+from t3.eval.prompts import load_prompts
+from t3.models.tiny import save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
+from t3.video_io import read_video, video_info, write_video
+
+from .conftest import REPO_ROOT, SHARED_FIXTURES
+
+CONF_DIR = REPO_ROOT / "conf"
+NUM_PROMPTS = 5
+STEPS = 6  # enough work per video that the kill test can stop a task between two videos
+
+
+def compose_eval(*overrides: str):
+    """``conf/eval.yaml`` composed as ``eval.py`` would, with ``overrides``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
+def save_tiny_models(root: Path) -> Path:
+    """The tiny DiT, VAE and text encoder in ``root/{dit,vae,text_encoder}``."""
+    save_tiny_dit(root / "dit")
+    save_tiny_vae(root / "vae")
+    save_tiny_text_encoder(root / "text_encoder")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    return save_tiny_models(tmp_path_factory.mktemp("eval_tiny_models"))
+
+
+def tiny_overrides(models: Path, out_dir: Path, *extra: str) -> list[str]:
+    """A 5-prompt, 64x64x5, few-step run of the tiny model into ``out_dir``."""
+    return [
+        "model=tiny",
+        "benchmark=tiny",
+        f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+        f"model.dit_path={models / 'dit'}",
+        f"model.vae_path={models / 'vae'}",
+        f"model.text_encoder_path={models / 'text_encoder'}",
+        f"out_dir={out_dir}",
+        "generation.height=64",
+        "generation.width=64",
+        "generation.frames=5",
+        f"generation.steps={STEPS}",
+        "generation.fps=8",
+        "wandb.enabled=false",
+        *extra,
+    ]
+
+
+def output_files(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".sha256"))
+
+
+def expected_files() -> list[str]:
+    names = [f"video_{i:05d}_seed0" for i in range(NUM_PROMPTS)]
+    return sorted([f"{n}.mp4" for n in names] + [f"{n}.json" for n in names])
+
+
+# --- the kill-and-rerun test ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_shard_and_leftovers_are_completed_on_rerun_without_duplicates(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    entries = load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=NUM_PROMPTS)
+    jobs = video_jobs(entries, [0], out)
+
+    # Shard 0 of 2 (prompts 0..2) runs as `python eval.py` and is killed once its first video is complete.
+    cmd = [sys.executable, "eval.py", *tiny_overrides(tiny_models, out, "num_shards=2", "shard_index=0",
+                                                       f"hydra.run.dir={tmp_path / 'hydra'}")]  # fmt: skip
+    log = tmp_path / "eval_stderr.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        try:
+            while not jobs[0].record.exists():
+                assert proc.poll() is None, f"eval.py exited early: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no video within 120 s"
+                time.sleep(0.02)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done_after_kill = [j.name for j in jobs[:3] if is_complete(j)]
+    assert 1 <= len(done_after_kill) < 3, done_after_kill
+    first_mtime = jobs[0].mp4.stat().st_mtime_ns
+
+    # What a kill at other moments leaves: a half-written temporary mp4 of a shard-1 video, and an mp4 that
+    # was renamed into place but has no record yet (here: truncated, so it would not even decode).
+    (out / f".{jobs[4].mp4.name}.abc123.part").write_bytes(b"\x00" * 100)
+    write_video(jobs[3].mp4, read_video(jobs[0].mp4)[:2], fps=8)
+    jobs[2].mp4.write_bytes(jobs[0].mp4.read_bytes()[:300])
+
+    for shard in (0, 1):
+        run(compose_eval(*tiny_overrides(tiny_models, out, "num_shards=2", f"shard_index={shard}")))
+
+    assert output_files(out) == expected_files()
+    assert not list(out.glob(".*.part")) and not list(out.glob(".*.tmp"))
+    assert jobs[0].mp4.stat().st_mtime_ns == first_mtime  # finished before the kill: not regenerated
+    for job in jobs:
+        assert is_complete(job)
+        frames = read_video(job.mp4)
+        assert frames.shape == (5, 64, 64, 3)
+        record = json.loads(job.record.read_text())
+        assert record["prompt"] == job.entry.prompt and record["index"] == job.entry.index
+        assert record["frames"] == video_info(job.mp4).frames == 5
+
+
+# --- in-process behaviour ---------------------------------------------------------------------------------
+
+
+def test_generate_writes_records_and_skips_finished_videos(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_eval(*tiny_overrides(tiny_models, out, "benchmark.limit=2", "generation.seeds=[0,7]"))
+    summary = run(cfg)
+    assert summary.generated == [
+        "video_00000_seed0.mp4", "video_00000_seed7.mp4", "video_00001_seed0.mp4", "video_00001_seed7.mp4"
+    ]  # fmt: skip
+    record = json.loads((out / "video_00001_seed7.json").read_text())
+    assert record["seed"] == 7 and record["steps"] == STEPS and record["model"] == "tiny"
+    assert (record["height"], record["width"], record["frames"], record["fps"]) == (64, 64, 5, 8)
+    assert record["schedule"] == cfg.t3.name and record["negative_prompt"].startswith("色调艳丽")
+    assert record["checkpoint_sha256"] == checkpoint_sha256(tiny_models / "dit")
+    assert set(record["timings_s"]) == {"text_encoding", "denoising", "decode", "write", "total"}
+    assert record["device"].startswith("CPU") and record["dtype"] == "float32"
+
+    again = run(cfg)
+    assert again.generated == [] and len(again.skipped) == 4
+
+
+def test_videos_of_other_settings_are_an_error_not_a_mix(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    run(compose_eval(*tiny_overrides(tiny_models, out, "benchmark.limit=1")))
+    with pytest.raises(ValueError, match=r"video_00000_seed0.json: steps is 6 but this run has 4"):
+        run(compose_eval(*tiny_overrides(tiny_models, out, "benchmark.limit=1", "generation.steps=4")))
+
+
+def test_ckpt_overrides_model_dit_path(tiny_models, tmp_path):
+    other = save_tiny_dit(tmp_path / "other_dit", format="wan", seed=1)  # a single Wan-format file
+    out = tmp_path / "run"
+    run(compose_eval(*tiny_overrides(tiny_models, out, "benchmark.limit=1", f"ckpt={other}")))
+    record = json.loads((out / "video_00000_seed0.json").read_text())
+    assert record["checkpoint"] == str(other)
+    assert record["checkpoint_sha256"] == checkpoint_sha256(other) != checkpoint_sha256(tiny_models / "dit")
+
+
+def test_checkpoint_hash_is_cached_by_path_size_and_mtime(tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"weights")
+    cache = tmp_path / "cache.json"
+    first = checkpoint_sha256(ckpt, cache)
+    assert first == hashlib.sha256(b"weights").hexdigest()  # a single file: its own sha256
+    assert len(json.loads(cache.read_text())) == 1
+    # A changed cache entry is trusted while size and mtime are unchanged: the file is not read again.
+    key = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({key: "f" * 64}))
+    assert checkpoint_sha256(ckpt, cache) == "f" * 64
+    ckpt.write_bytes(b"new weights")  # new size: hashed again
+    assert checkpoint_sha256(ckpt, cache) not in (first, "f" * 64)
+
+
+def test_bad_config_values_fail_before_any_model_is_loaded(tmp_path):
+    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+            f"out_dir={tmp_path}", "generation.height=64", "generation.width=64", "generation.frames=5"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"frames 6 is not of the form 4k\+1"):
+        run(compose_eval(*base, "generation.frames=6"))
+    with pytest.raises(ValueError, match=r"ckpt / model.dit_path is required"):
+        run(compose_eval(*base, "model.dit_path=null"))
+    with pytest.raises(FileNotFoundError, match=r"model.vae_path='/nonexistent': no such file"):
+        run(compose_eval(*base, f"model.dit_path={tmp_path}", "model.vae_path=/nonexistent",
+                         f"model.text_encoder_path={tmp_path}"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"generation.colour: unknown key"):
+        run(compose_eval(*base, "+generation.colour=1"))
+    with pytest.raises(FileNotFoundError, match=r"benchmark.prompts='missing.json': no such file"):
+        run(compose_eval(*base, "benchmark.prompts=missing.json"))
+    with pytest.raises(ValueError, match=r"stage='train': expected one of"):
+        run(compose_eval(*base, "stage=train"))

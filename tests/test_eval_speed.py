@@ -1,0 +1,68 @@
+"""The eval speed stage: tiny model measured on CPU; 4K MAC counts without any model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from t3.attention import get_schedule
+from t3.attention.flops import dit_macs
+from t3.eval import run
+from t3.eval.speed_stage import speed_markdown
+from t3.models import get_spec
+
+from .test_eval_generate import compose_eval, save_tiny_models, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    return save_tiny_models(tmp_path_factory.mktemp("speed_tiny_models"))
+
+
+def test_speed_stage_measures_dense_and_t3_on_the_tiny_model(tiny_models, tmp_path):
+    report = run(compose_eval(*tiny_overrides(
+        tiny_models, tmp_path, "stage=speed", "t3=wan21_windows", "speed.warmup=1", "speed.repeats=1",
+        "speed.e2e_steps=2",
+    )))  # fmt: skip
+    assert json.loads((tmp_path / "speed" / "speed.json").read_text()) == report
+    setup = report["setup"]
+    assert setup["device"].startswith("CPU") and setup["dtype"] == "float32"
+    assert setup["attention_backend"] == "sdpa" and setup["weights"] == str(tiny_models / "dit")
+    assert setup["token_grid"] == [2, 4, 4] and setup["cfg_batch"] == 2
+    assert [r["schedule"] for r in report["results"]] == ["dense", "wan21_windows"]
+    for row in report["results"]:
+        assert row["dit_step_s"]["median"] > 0 and row["dit_step_s"]["repeats"] == 1
+        assert 0 < row["attention_share"] < 1
+        assert row["dit_step_peak_memory_bytes"] > 0
+        assert row["e2e_s"]["steps"] == 2 and row["e2e_s"]["text_encoding"] > 0 and row["e2e_s"]["decode"] > 0
+    ratios = report["ratios"]["dense/wan21_windows"]
+    assert {
+        "dit_step_macs",
+        "self_attention_macs",
+        "dit_step_latency",
+        "attention_latency",
+        "e2e_latency",
+    } <= set(ratios)
+    table = (tmp_path / "speed" / "speed.md").read_text()
+    assert "| dense |" in table and "| wan21_windows |" in table and "Device: CPU" in table
+
+
+def test_speed_macs_only_counts_4k_without_a_model(tmp_path):
+    report = run(compose_eval(
+        "stage=speed", "model=wan2.1-t2v-1.3b", "t3=wan21_windows", "speed.macs_only=true",
+        "model.dit_path=null", f"out_dir={tmp_path}",
+    ))  # fmt: skip
+    assert report["setup"]["token_grid"] == [21, 136, 240] and "device" not in report["setup"]
+    config, grid = get_spec("wan2.1-t2v-1.3b").dit_config, (21, 136, 240)
+    dense = dit_macs(config, grid, batch=2, schedule=get_schedule("dense"))
+    t3 = dit_macs(config, grid, batch=2, schedule=get_schedule("wan21_windows"))
+    rows = {r["schedule"]: r["macs"] for r in report["results"]}
+    assert rows["dense"]["dit_step"] == dense.total and rows["wan21_windows"]["dit_step"] == t3.total
+    assert rows["dense"]["dit_video"] == 50 * dense.total
+    ratios = report["ratios"]["dense/wan21_windows"]
+    # The README's figures for the authors' 4K schedule: 72.8x less self-attention, 29.8x less DiT work.
+    assert ratios["self_attention_macs"] == pytest.approx(72.8, abs=0.05)
+    assert ratios["dit_step_macs"] == pytest.approx(29.8, abs=0.05)
+    assert "MACs only" in speed_markdown(report)
