@@ -1,0 +1,788 @@
+"""Training config schemas and the start-up checks that reject impossible runs in plain words.
+
+The dataclasses below are the schema of ``conf/train.yaml``: `register_configs` stores `TrainConfig` in
+Hydra's ConfigStore as ``train_schema``, which ``conf/train.yaml`` lists first in its defaults, so every
+group file (``model/``, ``data/``, ``strategy/`` ...) is merged onto a typed node. A misspelt key or a
+value of the wrong type then fails at composition, naming the key.
+
+Types are not enough: frames must be ``4k + 1``, heights a multiple of the model's pixel multiple, the
+T3 schedule must fit the token grid, the global batch must split into micro-batches over the GPUs.
+`validate` checks all of it from the config alone (no weights, no model), in about a second, and raises
+`ConfigError` with a one-line message that names the key, the value and the accepted range. It returns
+the derived `RunFacts` (grid, world size, gradient accumulation) that the rest of training uses.
+
+Hydra itself is imported lazily (only `register_configs` and `instantiate` need it), so the dataclasses
+can be imported by code that must not depend on Hydra.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+__all__ = [
+    "TRAINABLE",
+    "BatchConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EMAConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "LoggerConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "PathsConfig",
+    "RunFacts",
+    "SampleVideosConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "ValidationConfig",
+    "register_configs",
+    "resolve_world_size",
+    "validate",
+]
+
+#: Which DiT weights are trained: every weight (the paper), self-attention q/k/v/o only, or LoRA adapters.
+TRAINABLE = ("all", "attention", "lora")
+STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+LR_SCHEDULES = ("constant", "cosine")
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "shifted")
+DATA_SOURCES = ("synthetic", "latent_shards", "raw_videos")
+EXPORT_FORMATS = ("diffusers", "wan")
+
+
+class ConfigError(ValueError):
+    """An impossible config value; the message is one line naming the key and the accepted range."""
+
+
+# --- schemas ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which model, and where its weights are (local paths only; nothing is downloaded).
+
+    Attributes:
+        preset: A `t3.models.preset_names` entry (architecture, VAE geometry).
+        dit_path: Pretrained DiT: a diffusers ``transformer`` folder or an original Wan ``.safetensors``.
+        vae_path: Wan VAE folder; only needed for sample videos during validation.
+        text_encoder_path: umT5 folder; needed for sample videos and for the synthetic data source.
+        init_from: Start from these DiT weights instead of ``dit_path`` (stage 2 starts from the stage-1
+            export, a diffusers folder).
+        random_init: Build the DiT from ``preset`` with random weights (tests and debugging only).
+        seed: Seed of ``random_init``.
+        attention_backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
+    """
+
+    preset: str = MISSING
+    dit_path: str | None = None
+    vae_path: str | None = None
+    text_encoder_path: str | None = None
+    init_from: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    attention_backend: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data.
+
+    Attributes:
+        source: ``synthetic``, ``latent_shards`` or ``raw_videos`` (documentation and checks; the readers
+            are the ``_target_`` of ``train`` and ``val``).
+        height: Video height in pixels (a multiple of the model's pixel multiple).
+        width: Video width in pixels.
+        num_frames: Frames per clip, ``4k + 1``.
+        num_workers: DataLoader worker processes per rank.
+        train: Hydra ``_target_`` config of the training dataset (map-style or iterable).
+        val: ``_target_`` config of the held-out dataset, or None for no validation loss.
+        prepare: ``_target_`` config run once on global rank 0 before the datasets are built (e.g. encode
+            raw videos into shards), or None.
+    """
+
+    source: str = MISSING
+    height: int = MISSING
+    width: int = MISSING
+    num_frames: int = MISSING
+    num_workers: int = 0
+    train: Any = MISSING
+    val: Any = None
+    prepare: Any = None
+
+
+@dataclass
+class BatchConfig:
+    """Batch sizes. ``accumulate = global_size / (micro_size * world_size)`` must be an integer.
+
+    Attributes:
+        global_size: Samples per optimizer step, summed over GPUs and accumulation (the paper: 64).
+        micro_size: Samples per forward on one GPU.
+    """
+
+    global_size: int = 64
+    micro_size: int = 1
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (``finetune.trainable=lora``), injected with peft.
+
+    Attributes:
+        rank: Adapter rank ``r`` (the paper's LoRA variant: 64).
+        alpha: Scale numerator (``alpha / r`` multiplies the update).
+        dropout: Dropout on the adapter input.
+        target_modules: Module-name suffixes to adapt. The default is DiffSynth-Studio's Wan LoRA set
+            (``q,k,v,o,ffn.0,ffn.2``) in diffusers names: all attention projections and both FFN linears.
+    """
+
+    rank: int = 64
+    alpha: float = 64.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """What is trained and how activations are kept.
+
+    Attributes:
+        trainable: ``all`` (paper default), ``attention`` (self-attention q/k/v/o only) or ``lora``.
+        lora: Adapter settings, used when ``trainable=lora``.
+        gradient_checkpointing: Recompute each DiT block in backward (only block inputs are kept).
+        offload_activations: Keep the saved activations in CPU memory (``torch.autograd.graph.save_on_cpu``).
+    """
+
+    trainable: str = "all"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = True
+    offload_activations: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warm-up, then constant or cosine).
+
+    Attributes:
+        lr: Peak learning rate (the paper: 2e-5).
+        weight_decay: Decoupled weight decay (the paper: 1e-2).
+        betas: Adam betas.
+        eps: Adam epsilon.
+        warmup_steps: Linear warm-up from 0 over this many optimizer steps.
+        schedule: ``constant`` or ``cosine`` after warm-up.
+        min_lr_ratio: Cosine floor as a fraction of ``lr``.
+        decay_steps: Length of the cosine decay in optimizer steps; None uses ``trainer.max_steps``.
+    """
+
+    lr: float = 2e-5
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    decay_steps: int | None = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """Flow-matching objective (`t3.diffusion`).
+
+    Attributes:
+        timestep_sampler: ``shifted`` (Wan), ``uniform`` or ``logit_normal``.
+        flow_shift: Shift of the ``shifted`` sampler (the paper: 5).
+        logit_mean: Mean of the ``logit_normal`` sampler.
+        logit_std: Std of the ``logit_normal`` sampler.
+        num_train_timesteps: Scale from sigma to the model's timestep input.
+    """
+
+    timestep_sampler: str = "shifted"
+    flow_shift: float = 5.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class SampleVideosConfig:
+    """Sample videos logged at validation (needs ``model.vae_path`` and ``model.text_encoder_path``).
+
+    Attributes:
+        enabled: Generate and log videos.
+        prompts: Prompts to sample.
+        height: Video height (None: ``data.height``).
+        width: Video width (None: ``data.width``).
+        num_frames: Frames (None: ``data.num_frames``).
+        num_steps: Sampler steps.
+        guidance_scale: Classifier-free guidance scale.
+        seed: Noise seed of prompt 0 (prompt i uses seed + i).
+        fps: Frame rate of the written mp4s.
+    """
+
+    enabled: bool = False
+    prompts: list[str] = field(default_factory=lambda: ["a red panda climbing a tree, cinematic, 4k"])
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_steps: int = 30
+    guidance_scale: float = 5.0
+    seed: int = 0
+    fps: float = 16.0
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out loss at fixed noise levels and fixed noise, so curves are comparable across steps and runs.
+
+    Attributes:
+        every_n_steps: Validate every this many optimizer steps (0 disables validation).
+        num_batches: Validation batches per rank.
+        sigmas: Noise levels evaluated for every validation sample.
+        seed: Seed of the fixed validation noise.
+        sample_videos: Optional sample videos.
+    """
+
+    every_n_steps: int = 250
+    num_batches: int = 4
+    sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seed: int = 1234
+    sample_videos: SampleVideosConfig = field(default_factory=SampleVideosConfig)
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trainable weights (stored in checkpoints, exported beside).
+
+    Attributes:
+        enabled: Keep an EMA.
+        decay: EMA decay per optimizer step.
+    """
+
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable Lightning checkpoints in ``${run_dir}/checkpoints`` (``last.ckpt`` links the newest).
+
+    Attributes:
+        every_n_steps: Save every this many optimizer steps (and at the end).
+    """
+
+    every_n_steps: int = 250
+
+
+@dataclass
+class ExportConfig:
+    """The fine-tuned DiT written at the end of training to ``${run_dir}/export/<format>``.
+
+    Attributes:
+        formats: Any of ``diffusers`` and ``wan`` (original Wan key names).
+        dtype: Cast floating weights to ``bf16``/``fp32`` before saving; None keeps the training dtype.
+    """
+
+    formats: list[str] = field(default_factory=lambda: ["diffusers", "wan"])
+    dtype: str | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning ``Trainer`` arguments that runs change (the rest are fixed in `t3.training.train`).
+
+    Attributes:
+        accelerator: ``gpu`` or ``cpu``.
+        devices: Devices per node (an int or ``auto``).
+        num_nodes: Nodes.
+        precision: ``bf16-mixed`` on GPU, ``32-true`` on CPU.
+        max_steps: Optimizer steps.
+        gradient_clip_val: Clip the global gradient norm to this (0 disables).
+        log_every_n_steps: Logging interval in optimizer steps.
+        deterministic: ``torch.use_deterministic_algorithms``.
+    """
+
+    accelerator: str = "gpu"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    precision: str = "bf16-mixed"
+    max_steps: int = 5000
+    gradient_clip_val: float = 1.0
+    log_every_n_steps: int = 1
+    deterministic: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is spread over GPUs; chosen here, never by branches in model code.
+
+    Attributes:
+        name: ``auto`` (one device), ``ddp``, ``deepspeed`` or ``fsdp2`` (Lightning's ModelParallelStrategy).
+        zero_stage: DeepSpeed ZeRO stage (1, 2 or 3).
+        offload_optimizer: DeepSpeed: optimizer states (and fp32 master weights) in CPU memory.
+        offload_parameters: DeepSpeed ZeRO-3: parameters in CPU memory.
+        bucket_size: DeepSpeed all-gather / reduce bucket size in elements.
+        process_group_backend: ``nccl``/``gloo``; None picks by device.
+    """
+
+    name: str = "auto"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    bucket_size: int = 200_000_000
+    process_group_backend: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    """Metric loggers. CSV always works offline; wandb honours ``WANDB_MODE`` (e.g. ``offline``).
+
+    Attributes:
+        csv: Write ``${run_dir}/csv/metrics.csv``.
+        wandb: Log to Weights & Biases (the run id is kept in the run dir, so a resumed run continues).
+        project: wandb project.
+        entity: wandb entity (team); None for the default.
+        mode: wandb mode: ``online``, ``offline`` or ``disabled``.
+    """
+
+    csv: bool = True
+    wandb: bool = False
+    project: str = "t3"
+    entity: str | None = None
+    mode: str = "online"
+
+
+@dataclass
+class PathsConfig:
+    """Where things go.
+
+    Attributes:
+        root_dir: Base folder (default: the working directory).
+        output_dir: Run directories live here.
+        cache_dir: Prepared data and other caches.
+    """
+
+    root_dir: str = "."
+    output_dir: str = "${paths.root_dir}/outputs"
+    cache_dir: str = "${paths.root_dir}/.cache/t3"
+
+
+@dataclass
+class TrainConfig:
+    """The whole training config (``conf/train.yaml``).
+
+    Attributes:
+        experiment_name: Names the run directory; experiments set it to their file name.
+        run_dir: Everything of a run: checkpoints, logs, exports. Deterministic, so rerunning the same
+            command resumes (see ``resume``).
+        seed: Global seed (data order, noise, initialisation).
+        resume: Continue from ``${run_dir}/checkpoints/last.ckpt`` when it exists.
+        dry_run: Build everything on the meta device, print the plan (grid, layer plans, MACs, memory,
+            throughput) and exit; needs no weights.
+        dry_run_tflops: Sustained dense bf16 TFLOP/s per GPU assumed by the dry run's throughput estimate.
+        dry_run_num_gpus: GPU count for the dry run's memory and throughput estimate (None: from
+            ``trainer.devices * trainer.num_nodes``, 8 when that is ``auto``).
+        tags: Free-form tags for the logger.
+        max_consecutive_bad_steps: Stop (with an error) after this many micro-batches in a row with a
+            non-finite loss; isolated ones are skipped and counted in ``train/num_skipped_nonfinite``.
+    """
+
+    experiment_name: str = "default"
+    run_dir: str = "${paths.output_dir}/${experiment_name}"
+    seed: int = 42
+    resume: bool = True
+    dry_run: bool = False
+    dry_run_tflops: float = 400.0
+    dry_run_num_gpus: int | None = None
+    tags: list[str] = field(default_factory=list)
+    max_consecutive_bad_steps: int = 5
+    model: ModelConfig = field(default_factory=ModelConfig)
+    t3: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Store `TrainConfig` in Hydra's ConfigStore as ``train_schema`` (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What follows from a valid config, computed once at start-up.
+
+    Attributes:
+        preset: Model preset name.
+        latent_shape: Latent ``(C, T', H', W')`` of one sample.
+        grid: Post-patch token grid ``(T, H, W)``.
+        num_layers: DiT blocks.
+        world_size: Processes (GPUs) that train together.
+        accumulate: Micro-batches per optimizer step on each process.
+        schedule: The T3 `Schedule`.
+    """
+
+    preset: str
+    latent_shape: tuple[int, int, int, int]
+    grid: tuple[int, int, int]
+    num_layers: int
+    world_size: int
+    accumulate: int
+    schedule: Any
+
+
+def _fail(key: str, value: Any, accepted: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {accepted}")
+
+
+def _check_range(
+    cfg: DictConfig,
+    key: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = OmegaConf.select(cfg, key)
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
+    if bad:
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        raise _fail(key, value, f"must satisfy {lo}{key.rsplit('.', 1)[-1]}{hi}")
+
+
+def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise _fail(key, value, f"must be one of {list(choices)}")
+
+
+def _require(cfg: DictConfig, key: str, what: str) -> Any:
+    """The value at ``key``; a one-line error explaining ``what`` it should be if it is missing or null."""
+    if OmegaConf.is_missing(cfg, key) or OmegaConf.select(cfg, key) is None:
+        raise ConfigError(f"{key} is required: {what}")
+    return OmegaConf.select(cfg, key)
+
+
+def resolve_world_size(trainer: DictConfig | TrainerConfig) -> int:
+    """Processes that will train together, from ``trainer.devices`` and ``trainer.num_nodes``.
+
+    ``auto`` (or -1) means every visible GPU on ``gpu`` and one process on ``cpu``.
+    """
+    devices = trainer.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        if trainer.accelerator == "cpu":
+            devices = 1
+        else:
+            import torch
+
+            devices = max(torch.cuda.device_count(), 1)
+    elif not isinstance(devices, int) or devices < 1:
+        if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+            devices = len(devices)
+        else:
+            raise _fail("trainer.devices", devices, "must be a positive int, 'auto' or -1")
+    return int(devices) * int(trainer.num_nodes)
+
+
+def _check_target_kwargs(cfg: DictConfig, key: str, *, require_values: bool = True) -> None:
+    """Bind a ``_target_`` config's keys to the target's signature: a misspelt reader argument fails now.
+
+    With ``require_values``, a mandatory value left as ``???`` (a data path) fails now too.
+    """
+    node = OmegaConf.select(cfg, key)
+    if node is None:
+        return
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        raise _fail(key, node, "must be a config with a _target_ (a dataset factory)")
+    from hydra.utils import get_method
+
+    try:
+        target = get_method(node._target_)
+    except Exception as err:  # Hydra wraps import errors of any kind
+        raise ConfigError(f"{key}._target_={node._target_!r}: cannot be imported ({err})") from None
+    names = [str(k) for k in node if not str(k).startswith("_")]
+    if require_values:
+        for name in names:
+            if OmegaConf.is_missing(node, name):
+                raise ConfigError(f"{key}.{name} is required: set it on the command line ({key}.{name}=...)")
+    signature = inspect.signature(target)
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    unknown = [k for k in names if k not in signature.parameters]
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]}: unknown argument of {node._target_}; accepted: {sorted(signature.parameters)}"
+        )
+
+
+def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
+    """Check a composed training config before anything heavy is built.
+
+    Args:
+        cfg: The composed config (``conf/train.yaml`` and overrides).
+        world_size: Processes that train together; None resolves it from ``trainer`` (or, for a dry run,
+            from ``dry_run_num_gpus``).
+
+    Returns:
+        The derived `RunFacts`.
+
+    Raises:
+        ConfigError: One line naming the offending key, its value and what is accepted.
+    """
+    from t3.models.presets import get_spec, preset_names
+
+    # A missing mandatory value anywhere (``???``) would otherwise surface much later, mid-build.
+    for key in ("model.preset", "data.height", "data.width", "data.num_frames", "data.source", "t3"):
+        _require(cfg, key, "set it in the experiment or on the command line")
+
+    # Model and video size.
+    _check_choice(cfg, "model.preset", tuple(preset_names()))
+    spec = get_spec(cfg.model.preset)
+    frames, height, width = cfg.data.num_frames, cfg.data.height, cfg.data.width
+    fm, pm = spec.frame_multiple, spec.pixel_multiple
+    if frames < 1 or (frames - 1) % fm:
+        k = max((frames - 1) // fm, 0)
+        raise _fail(
+            "data.num_frames",
+            frames,
+            f"must be {fm}k+1 for {spec.name} (e.g. {fm * k + 1} or {fm * (k + 1) + 1})",
+        )
+    for key, value in (("data.height", height), ("data.width", width)):
+        if value < pm or value % pm:
+            lower = max(value // pm * pm, pm)
+            raise _fail(
+                key,
+                value,
+                f"must be a positive multiple of {pm} for {spec.name} (e.g. {lower} or {lower + pm})",
+            )
+    _check_choice(cfg, "data.source", DATA_SOURCES)
+    _check_range(cfg, "data.num_workers", low=0)
+    # Data paths are not needed for a dry run; reader arguments are checked either way.
+    for key in ("data.prepare", "data.train", "data.val"):
+        _check_target_kwargs(cfg, key, require_values=not cfg.dry_run)
+
+    latent_shape = spec.latent_shape(frames, height, width)
+    grid = (
+        latent_shape[1] // spec.patch_size[0],
+        latent_shape[2] // spec.patch_size[1],
+        latent_shape[3] // spec.patch_size[2],
+    )
+    num_layers = int(spec.dit_config["num_layers"])
+
+    # The T3 schedule must fit the token grid of this video size on every layer.
+    schedule = _build_schedule(cfg)
+    try:
+        schedule.plans(grid, num_layers)
+    except ValueError as err:
+        raise ConfigError(
+            f"t3={schedule.name!r} does not fit {height}x{width}x{frames} (token grid {grid}) on "
+            f"{spec.name}: {err}"
+        ) from None
+
+    # What is trained.
+    _check_choice(cfg, "finetune.trainable", TRAINABLE)
+    if cfg.finetune.trainable == "lora":
+        _check_range(cfg, "finetune.lora.rank", low=1)
+        _check_range(cfg, "finetune.lora.alpha", low=0, low_open=True)
+        _check_range(cfg, "finetune.lora.dropout", low=0, high=1, high_open=True)
+        if not cfg.finetune.lora.target_modules:
+            raise _fail("finetune.lora.target_modules", [], "must name at least one module (e.g. to_q)")
+    _check_choice(cfg, "model.attention_backend", ("auto", "sdpa", "flash"))
+
+    # Optimisation.
+    _check_range(cfg, "optim.lr", low=0, low_open=True)
+    _check_range(cfg, "optim.weight_decay", low=0)
+    _check_range(cfg, "optim.eps", low=0, low_open=True)
+    _check_range(cfg, "optim.warmup_steps", low=0)
+    _check_choice(cfg, "optim.schedule", LR_SCHEDULES)
+    _check_range(cfg, "optim.min_lr_ratio", low=0, high=1)
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise _fail("optim.betas", list(cfg.optim.betas), "must be two numbers in [0, 1)")
+    if cfg.optim.decay_steps is not None:
+        _check_range(cfg, "optim.decay_steps", low=1)
+    _check_choice(cfg, "objective.timestep_sampler", TIMESTEP_SAMPLERS)
+    _check_range(cfg, "objective.flow_shift", low=0, low_open=True)
+    _check_range(cfg, "objective.logit_std", low=0, low_open=True)
+    _check_range(cfg, "objective.num_train_timesteps", low=1)
+
+    # Trainer and parallelism.
+    _check_choice(cfg, "trainer.accelerator", ACCELERATORS)
+    _check_choice(cfg, "trainer.precision", PRECISIONS)
+    _check_range(cfg, "trainer.max_steps", low=1)
+    _check_range(cfg, "trainer.num_nodes", low=1)
+    _check_range(cfg, "trainer.gradient_clip_val", low=0)
+    _check_range(cfg, "trainer.log_every_n_steps", low=1)
+    _check_choice(cfg, "strategy.name", STRATEGIES)
+    strategy = cfg.strategy
+    on_cpu = cfg.trainer.accelerator == "cpu"
+    if on_cpu and cfg.trainer.precision != "32-true":
+        raise _fail(
+            "trainer.precision", cfg.trainer.precision, "must be '32-true' on the CPU (use trainer=cpu)"
+        )
+    if strategy.name == "deepspeed":
+        _check_range(cfg, "strategy.zero_stage", low=1, high=3)
+        if strategy.offload_parameters and strategy.zero_stage != 3:
+            raise _fail(
+                "strategy.offload_parameters",
+                True,
+                f"needs strategy.zero_stage=3 (got {strategy.zero_stage})",
+            )
+        if on_cpu and (strategy.offload_optimizer or strategy.offload_parameters):
+            raise _fail(
+                "strategy.offload_optimizer", True, "offloading to the CPU needs a GPU run (trainer=gpu)"
+            )
+    _check_range(cfg, "strategy.bucket_size", low=1)
+    sharded_params = strategy.name == "fsdp2" or (strategy.name == "deepspeed" and strategy.zero_stage == 3)
+    if cfg.ema.enabled:
+        _check_range(cfg, "ema.decay", low=0, high=1, low_open=True, high_open=True)
+        if sharded_params:
+            raise _fail(
+                "ema.enabled",
+                True,
+                f"the EMA needs whole parameters on every rank; use ddp or deepspeed ZeRO-1/2 (strategy={strategy.name}"
+                + (f", zero_stage={strategy.zero_stage})" if strategy.name == "deepspeed" else ")"),
+            )
+
+    # Batch: the global batch is fixed; accumulation absorbs the GPU count.
+    if world_size is None:
+        world_size = _dry_run_world_size(cfg) if cfg.dry_run else resolve_world_size(cfg.trainer)
+    if strategy.name == "auto" and world_size > 1:
+        raise _fail(
+            "strategy", "auto", f"is for one device; {world_size} processes need ddp, deepspeed or fsdp2"
+        )
+    _check_range(cfg, "batch.global_size", low=1)
+    _check_range(cfg, "batch.micro_size", low=1)
+    per_step = cfg.batch.micro_size * world_size
+    if cfg.batch.global_size % per_step:
+        raise _fail(
+            "batch.global_size",
+            cfg.batch.global_size,
+            f"must be a multiple of batch.micro_size x world size = {cfg.batch.micro_size} x {world_size} = {per_step}",
+        )
+    accumulate = cfg.batch.global_size // per_step
+
+    # Validation, checkpoints, export, logging.
+    _check_range(cfg, "validation.every_n_steps", low=0)
+    _check_range(cfg, "validation.num_batches", low=1)
+    if not cfg.validation.sigmas or not all(0 <= s <= 1 for s in cfg.validation.sigmas):
+        raise _fail(
+            "validation.sigmas", list(cfg.validation.sigmas), "must be a non-empty list of numbers in [0, 1]"
+        )
+    _check_range(cfg, "checkpoint.every_n_steps", low=1)
+    _check_range(cfg, "max_consecutive_bad_steps", low=1)
+    for fmt in cfg.export.formats:
+        if fmt not in EXPORT_FORMATS:
+            raise _fail(
+                "export.formats", list(cfg.export.formats), f"entries must be in {list(EXPORT_FORMATS)}"
+            )
+    if cfg.export.dtype is not None:
+        _check_choice(cfg, "export.dtype", ("bf16", "fp32"))
+    _check_choice(cfg, "logger.mode", ("online", "offline", "disabled"))
+
+    # Weights: needed for a real run only; the dry run works from the architecture alone.
+    if not cfg.dry_run:
+        _check_weights(cfg)
+
+    return RunFacts(
+        preset=spec.name,
+        latent_shape=latent_shape,
+        grid=grid,
+        num_layers=num_layers,
+        world_size=world_size,
+        accumulate=accumulate,
+        schedule=schedule,
+    )
+
+
+def _dry_run_world_size(cfg: DictConfig) -> int:
+    if cfg.dry_run_num_gpus is not None:
+        _check_range(cfg, "dry_run_num_gpus", low=1)
+        return int(cfg.dry_run_num_gpus)
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        return devices * int(cfg.trainer.num_nodes)
+    return 8 * int(cfg.trainer.num_nodes)
+
+
+def _build_schedule(cfg: DictConfig) -> Any:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.t3)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"t3: cannot build the schedule: {str(cause).splitlines()[0]}") from None
+
+
+def _check_weights(cfg: DictConfig) -> None:
+    model = cfg.model
+    if model.init_from is not None:
+        source_key = "model.init_from"
+    elif model.random_init:
+        source_key = None
+    else:
+        source_key = "model.dit_path"
+        _require(
+            cfg,
+            source_key,
+            f"a local {model.preset} DiT (diffusers 'transformer' folder or Wan .safetensors); "
+            "or model.init_from=<export folder>, or model.random_init=true for a random-weight debug run",
+        )
+    if source_key is not None:
+        path = OmegaConf.select(cfg, source_key)
+        if not os.path.exists(path):
+            hint = (
+                " (run the stage-1 experiment first: its export is where stage 2 starts)"
+                if source_key == "model.init_from"
+                else ""
+            )
+            raise ConfigError(f"{source_key}={path!r}: no such file or folder{hint}")
+    # The tiny test model brings random encoders; real ones come from local folders.
+    needs_encoders = (
+        cfg.validation.sample_videos.enabled
+        or cfg.data.source == "raw_videos"
+        or cfg.data.source == "synthetic"
+    )
+    if needs_encoders and model.preset != "tiny":
+        why = (
+            f"data.source={cfg.data.source}"
+            if cfg.data.source != "latent_shards"
+            else "validation.sample_videos"
+        )
+        for key in ("model.vae_path", "model.text_encoder_path"):
+            value = _require(cfg, key, f"needed by {why} (encoding videos or prompts)")
+            if not os.path.exists(value):
+                raise ConfigError(f"{key}={value!r}: no such folder")

@@ -1,0 +1,259 @@
+"""Lightning callbacks of a t3 training run: step timing, EMA of the trainable weights, sample videos.
+
+* `StepCheckpoint` is Lightning's ``ModelCheckpoint`` that also saves when training ends off the
+  checkpoint interval, so ``last.ckpt`` always holds the final step.
+* `StepTimer` logs ``perf/step_time_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` and, on CUDA,
+  ``perf/peak_mem_gb`` once per optimizer step.
+* `EMACallback` keeps an fp32 exponential moving average of the trainable weights; its state is part of
+  every checkpoint (so a resumed EMA is exact) and `t3.training.export` writes it beside the raw weights.
+* `SampleVideoCallback` generates a few videos at each validation with the model being trained and logs
+  them to wandb as mp4. Prompts are encoded once on rank 0 and broadcast, the DiT runs on every rank (it
+  may be sharded), the VAE decodes on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from t3.config import SampleVideosConfig
+
+__all__ = ["EMACallback", "SampleVideoCallback", "StepCheckpoint", "StepTimer"]
+
+logger = logging.getLogger(__name__)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves at the end of training when the last step was not saved.
+
+    With ``every_n_train_steps`` alone, a run whose ``max_steps`` is not a multiple of the interval would
+    leave ``last.ckpt`` behind its final weights, and rerunning it with a larger ``max_steps`` would redo
+    those steps.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
+class StepTimer(Callback):
+    """Wall time per optimizer step and the throughput it implies.
+
+    Args:
+        global_batch_size: Samples per optimizer step (all ranks).
+        tokens_per_sample: Video tokens per sample (post-patch grid size).
+    """
+
+    def __init__(self, global_batch_size: int, tokens_per_sample: int) -> None:
+        self.global_batch_size = global_batch_size
+        self.tokens_per_sample = tokens_per_sample
+        self._last_step: int | None = None
+        self._last_time: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step, self._last_time = trainer.global_step, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_step:  # still accumulating
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels are asynchronous; time the work, not its launch
+        now = time.perf_counter()
+        assert self._last_time is not None and self._last_step is not None
+        seconds = (now - self._last_time) / max(trainer.global_step - self._last_step, 1)
+        self._last_step, self._last_time = trainer.global_step, now
+        metrics = {
+            "perf/step_time_s": seconds,
+            "perf/samples_per_s": self.global_batch_size / seconds,
+            "perf/tokens_per_s": self.global_batch_size * self.tokens_per_sample / seconds,
+        }
+        if torch.cuda.is_available():
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation time is not training step time.
+        self._last_time = time.perf_counter()
+
+
+class EMACallback(Callback):
+    """fp32 exponential moving average of the trainable DiT weights, updated after every optimizer step.
+
+    The EMA needs whole parameters on every rank, so it runs with one device, DDP or DeepSpeed ZeRO-1/2
+    (`t3.config.validate` rejects it with ZeRO-3 and FSDP2).
+
+    Args:
+        decay: ``ema = decay * ema + (1 - decay) * weight``.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self._last_step: int | None = None
+
+    @staticmethod
+    def _trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in pl_module.dit.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        params = self._trainable(pl_module)
+        if self.shadow is None:
+            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+        else:  # restored from a checkpoint, possibly saved from another device
+            self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_step or self.shadow is None:
+            return
+        self._last_step = trainer.global_step
+        params = self._trainable(pl_module)
+        names = list(self.shadow)
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.decay
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.shadow = state_dict.get("shadow")
+
+
+class SampleVideoCallback(Callback):
+    """Generate and log sample videos at the end of each validation.
+
+    Skips itself (with one log line) when `t3.generate`'s building blocks or a video writer are missing.
+
+    Args:
+        cfg: Prompts, size, steps, guidance, seed, fps.
+        model: The ``model`` config (``vae_path``, ``text_encoder_path``, preset).
+        size: Default ``(height, width, num_frames)`` (the training size).
+        flow_shift: Sampler shift.
+        out_dir: Where the mp4s go (``<out_dir>/step_<n>/``).
+        cache_dir: Cache root, for the tiny test encoders.
+    """
+
+    def __init__(
+        self,
+        cfg: SampleVideosConfig,
+        *,
+        model: Mapping[str, Any],
+        size: tuple[int, int, int],
+        flow_shift: float,
+        out_dir: str | Path,
+        cache_dir: str | Path,
+    ) -> None:
+        self.cfg = cfg
+        self.model = dict(model)
+        self.height = cfg.height or size[0]
+        self.width = cfg.width or size[1]
+        self.num_frames = cfg.num_frames or size[2]
+        self.flow_shift = flow_shift
+        self.out_dir = Path(out_dir)
+        self.cache_dir = Path(cache_dir)
+        self._embeddings: torch.Tensor | None = None
+        self._negative: torch.Tensor | None = None
+        self._vae: Any = None
+        self._disabled = False
+
+    def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        if self._disabled:
+            return False
+        if self._embeddings is not None:
+            return True
+        try:
+            from t3.diffusion import build_scheduler, sample  # noqa: F401
+            from t3.generate import WAN_NEGATIVE_PROMPT
+            from t3.video_io import available_encoder
+
+            available_encoder()
+        except Exception as err:  # optional feature: any missing piece disables it, never the run
+            logger.warning("sample videos disabled: %s", err)
+            self._disabled = True
+            return False
+        embeddings = None
+        if trainer.is_global_zero:
+            from t3.models import PromptEmbeddingCache, get_spec
+            from t3.training.datamodule import _vae_and_text_encoder
+
+            vae, text_encoder = _vae_and_text_encoder(self.model, self.cache_dir)
+            cache = PromptEmbeddingCache(text_encoder, max_length=get_spec(self.model["preset"]).text_len)
+            positive, _ = cache.get(list(self.cfg.prompts))
+            negative, _ = cache.get([WAN_NEGATIVE_PROMPT])
+            embeddings = (positive, negative)
+            self._vae = vae.to(pl_module.device).eval()
+            del text_encoder, cache  # the text encoder is large; only its outputs are needed
+        embeddings = trainer.strategy.broadcast(embeddings, src=0)
+        self._embeddings, self._negative = embeddings
+        return True
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._setup(trainer, pl_module):
+            return
+        from t3.diffusion import build_scheduler, sample
+        from t3.models import decode_latents, get_spec
+        from t3.video_io import write_video
+
+        spec = get_spec(self.model["preset"])
+        shape = spec.latent_shape(self.num_frames, self.height, self.width)
+        dtype = pl_module._compute_dtype()
+        device = pl_module.device
+        folder = self.out_dir / f"step_{trainer.global_step:07d}"
+        paths = []
+        for i, prompt in enumerate(self.cfg.prompts):
+            generator = torch.Generator().manual_seed(self.cfg.seed + i)
+            cond = {"encoder_hidden_states": self._embeddings[i : i + 1].to(device, dtype)}
+            uncond = {"encoder_hidden_states": self._negative.to(device, dtype)}
+            latents = sample(
+                lambda x, t, **kw: pl_module._model_fn(x, t, **kw),
+                (1, *shape),
+                cond,
+                uncond,
+                scheduler=build_scheduler("unipc", flow_shift=self.flow_shift),
+                num_steps=self.cfg.num_steps,
+                guidance_scale=self.cfg.guidance_scale,
+                generator=generator,
+                dtype=dtype,
+                device=device,
+                progress=False,
+            )
+            if trainer.is_global_zero:
+                video = decode_latents(self._vae, latents, tiled=self.height * self.width > 512 * 512)[0]
+                frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # [F, H, W, 3]
+                folder.mkdir(parents=True, exist_ok=True)
+                paths.append(write_video(folder / f"sample_{i:02d}.mp4", frames, fps=self.cfg.fps))
+                logger.info("sample video %d (%r) -> %s", i, prompt, paths[-1])
+        if trainer.is_global_zero and paths:
+            _log_videos(trainer, paths, self.cfg.prompts)
+
+
+def _log_videos(trainer: L.Trainer, paths: Sequence[Path], prompts: Sequence[str]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            lg.experiment.log(
+                {
+                    "samples/video": [
+                        wandb.Video(str(p), caption=c, format="mp4")
+                        for p, c in zip(paths, prompts, strict=False)
+                    ],
+                    "trainer/global_step": trainer.global_step,
+                }
+            )

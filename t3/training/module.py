@@ -1,0 +1,372 @@
+"""`T3FinetuneModule`: fine-tune a pretrained Wan DiT after the T3 attention swap, with flow matching.
+
+``configure_model`` loads the DiT (pretrained, a stage-1 export, or random for tests), applies
+``t3.transform`` with the configured schedule, selects the trainable weights (all / self-attention /
+LoRA), turns on per-block gradient checkpointing and, under FSDP2, shards it. It is idempotent, as
+Lightning requires for sharded strategies. Parallelism itself is chosen by the ``strategy`` config
+(`t3.training.strategies`); nothing here branches on it except how a non-finite loss is skipped.
+
+Randomness is per sample: the noise level and noise of the sample at stream position ``p`` come from a
+generator seeded with ``(seed, p)`` (see `t3.training.datamodule`), so a global batch gives the same loss
+however it is split over GPUs and micro-batches, and a resumed run continues bit-identically on the CPU.
+
+Non-finite losses: every rank learns whether any rank saw one (one tiny all-reduce), so all ranks take
+the same branch. Without DeepSpeed, ``training_step`` returns None, Lightning skips the backward, and
+AdamW skips every parameter without a gradient: nothing moves. DeepSpeed refuses a None return
+(Lightning's DeepSpeed precision plugin raises), so there the non-finite loss is back-propagated and
+DeepSpeed's own check drops the step (ZeRO-1/2/3 skip any step whose gradient norm is not finite and
+clear the gradients). Either way the micro-batch is counted in ``train/num_skipped_nonfinite`` and,
+after ``max_consecutive_bad_steps`` in a row, training stops with `NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+import t3
+from t3.config import FinetuneConfig, ModelConfig, ObjectiveConfig, OptimConfig, ValidationConfig
+from t3.diffusion import build_timestep_sampler, flow_matching_loss_at
+from t3.training.optim import build_lr_scheduler, build_optimizer
+from t3.training.params import TrainableSummary, select_trainable
+
+__all__ = ["NonFiniteLossError", "T3FinetuneModule", "build_dit", "sample_seed"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive micro-batches with a NaN or infinite loss."""
+
+
+def sample_seed(seed: int, position: int, stream: int = 0) -> int:
+    """A 63-bit seed for the sample at stream ``position`` (``stream`` separates uses, e.g. validation)."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
+    """The DiT of a ``model`` config: ``init_from``, else ``dit_path``, else random (``random_init``).
+
+    Args:
+        cfg: The model config.
+        device: ``"meta"`` builds the architecture without memory (dry run, config tests).
+    """
+    from diffusers import WanTransformer3DModel
+
+    from t3.models import dit_config, load_dit
+
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return WanTransformer3DModel(**dit_config(cfg.preset))
+    if cfg.init_from is not None:
+        logger.info("loading the DiT from %s (init_from)", cfg.init_from)
+        return load_dit(cfg.init_from, preset=cfg.preset)
+    if cfg.dit_path is not None:
+        return load_dit(cfg.dit_path, preset=cfg.preset)
+    if not cfg.random_init:
+        raise ValueError("model.dit_path, model.init_from or model.random_init=true is required")
+    logger.warning("model.random_init: training a randomly initialised %s DiT", cfg.preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return WanTransformer3DModel(**dit_config(cfg.preset))
+
+
+class T3FinetuneModule(L.LightningModule):
+    """Flow-matching fine-tuning of a T3-transformed Wan DiT.
+
+    Args:
+        model: Which DiT and where its weights are.
+        schedule: The T3 `Schedule` swapped into every self-attention.
+        finetune: Trainable weights, gradient checkpointing, activation offload.
+        optim: AdamW and learning-rate schedule.
+        objective: Timestep distribution (flow shift).
+        validation: Fixed validation noise levels and seed.
+        max_steps: Optimizer steps of the run (length of a cosine schedule).
+        seed: Seed of the per-sample training noise.
+        accumulate: Micro-batches per optimizer step (for step-level logging).
+        max_consecutive_bad_steps: Stop after this many non-finite micro-batches in a row.
+        cpu_offload_optimizer: DeepSpeed keeps the optimizer on the CPU (needs DeepSpeedCPUAdam).
+        parallelize: ``fn(dit, device_mesh, param_dtype=...)`` applied in ``configure_model`` when the
+            strategy provides a device mesh (FSDP2).
+        param_dtype: Compute dtype handed to ``parallelize`` (bf16 on GPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        schedule: t3.Schedule,
+        finetune: FinetuneConfig,
+        optim: OptimConfig,
+        objective: ObjectiveConfig,
+        validation: ValidationConfig,
+        max_steps: int,
+        seed: int,
+        accumulate: int = 1,
+        max_consecutive_bad_steps: int = 5,
+        cpu_offload_optimizer: bool = False,
+        parallelize: Callable[..., nn.Module] | None = None,
+        param_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_cfg = model
+        self.schedule = schedule
+        self.finetune = finetune
+        self.optim_cfg = optim
+        self.objective = objective
+        self.validation_cfg = validation
+        self.max_steps = max_steps
+        self.seed = seed
+        self.accumulate = accumulate
+        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.cpu_offload_optimizer = cpu_offload_optimizer
+        self.parallelize = parallelize
+        self.param_dtype = param_dtype
+        self.sampler = build_timestep_sampler(
+            objective.timestep_sampler,
+            **(
+                {"shift": objective.flow_shift}
+                if objective.timestep_sampler == "shifted"
+                else {"mean": objective.logit_mean, "std": objective.logit_std}
+                if objective.timestep_sampler == "logit_normal"
+                else {}
+            ),
+        )
+        self.dit: nn.Module | None = None
+        self.trainable_summary: TrainableSummary | None = None
+        # Non-finite guard and step-level loss bookkeeping (the first two are saved in checkpoints).
+        self.num_skipped_nonfinite = 0
+        self.consecutive_bad = 0
+        self._step_losses: list[torch.Tensor] = []
+        self._grad_norm_step = -1
+
+    # --- model -----------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.dit is not None:  # Lightning may call this more than once
+            return
+        dit = build_dit(self.model_cfg)
+        t3.transform(dit, self.schedule, backend=self.model_cfg.attention_backend)
+        ft = self.finetune
+        self.trainable_summary = select_trainable(
+            dit,
+            ft.trainable,
+            lora={
+                "rank": ft.lora.rank,
+                "alpha": ft.lora.alpha,
+                "dropout": ft.lora.dropout,
+                "target_modules": list(ft.lora.target_modules),
+            },
+        )
+        if ft.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        dit.train()
+        if self.parallelize is not None and self._device_mesh is not None:
+            dit = self.parallelize(dit, self._device_mesh, param_dtype=self.param_dtype)
+        self.dit = dit
+
+    def _compute_dtype(self) -> torch.dtype:
+        # DeepSpeed bf16 casts the module itself (no autocast), so inputs must follow the weights; under
+        # autocast (bf16-mixed with fp32 weights) fp32 inputs are right.
+        assert self.dit is not None
+        return self.dit.patch_embedding.weight.dtype
+
+    def _model_fn(
+        self, x: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = self._compute_dtype()
+        assert self.dit is not None
+        return self.dit(
+            hidden_states=x.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states.to(dtype),
+            return_dict=False,
+        )[0]
+
+    def _activation_context(self) -> contextlib.AbstractContextManager:
+        if self.finetune.offload_activations and torch.is_grad_enabled():
+            # With per-block checkpointing the saved tensors are mostly the block inputs (non-reentrant
+            # checkpointing saves them through the autograd hooks this installs); they go to CPU memory.
+            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        return contextlib.nullcontext()
+
+    # --- per-sample randomness ---------------------------------------------------------------------------
+
+    def _draw(self, positions: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise level ``[B]`` and noise ``like x0`` of each sample, seeded by its stream position."""
+        sigmas, noises = [], []
+        for position in positions.tolist():
+            generator = torch.Generator(device=x0.device).manual_seed(sample_seed(self.seed, position))
+            sigmas.append(self.sampler.sample(1, generator, x0.device))
+            noises.append(
+                torch.randn(x0.shape[1:], generator=generator, device=x0.device, dtype=torch.float32)
+            )
+        return torch.cat(sigmas), torch.stack(noises)
+
+    # --- training ----------------------------------------------------------------------------------------
+
+    def _any_rank(self, flag: bool) -> bool:
+        value = torch.tensor(1.0 if flag else 0.0, device=self.device)
+        return bool(self.trainer.strategy.reduce(value, reduce_op="sum") > 0)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        x0, text = batch["latents"], batch["text"]
+        sigma, noise = self._draw(batch["position"], x0)
+        with self._activation_context():
+            loss, _ = flow_matching_loss_at(
+                self._model_fn,
+                x0,
+                {"encoder_hidden_states": text},
+                sigma,
+                noise,
+                num_train_timesteps=self.objective.num_train_timesteps,
+            )
+        bad = self._any_rank(not bool(torch.isfinite(loss.detach())))
+        if bad:
+            self.num_skipped_nonfinite += 1
+            self.consecutive_bad += 1
+        else:
+            self.consecutive_bad = 0
+        self._end_of_micro_batch(loss.detach(), bad)
+        if not bad:
+            return loss
+        logger.warning(
+            "non-finite loss at step %d (positions %s): skipping (%d in a row, %d in total)",
+            self.global_step,
+            batch["position"].tolist(),
+            self.consecutive_bad,
+            self.num_skipped_nonfinite,
+        )
+        if self.consecutive_bad >= self.max_consecutive_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive_bad} consecutive micro-batches had a non-finite loss (last at step "
+                f"{self.global_step}); stopping. Lower optim.lr, check the data, or resume from an earlier "
+                "checkpoint"
+            )
+        if self._uses_deepspeed():
+            return (
+                loss  # DeepSpeed drops the step itself (non-finite gradient norm), see the module docstring
+            )
+        return None
+
+    def _uses_deepspeed(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def _end_of_micro_batch(self, loss: torch.Tensor, bad: bool) -> None:
+        """Collect micro-batch losses; on the step's last micro-batch log their mean over all ranks."""
+        self._step_losses.append(loss.float() if not bad else torch.full_like(loss.float(), float("nan")))
+        if len(self._step_losses) < self.accumulate:
+            return
+        losses = torch.stack(self._step_losses)
+        self._step_losses = []
+        good = torch.isfinite(losses)
+        total = torch.stack([torch.where(good, losses, 0).sum(), good.sum().float()])
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        step_loss = total[0] / total[1].clamp(min=1) if total[1] > 0 else total[0] * float("nan")
+        self.log("train/loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self.log(
+            "train/num_skipped_nonfinite",
+            float(self.num_skipped_nonfinite),
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+        scheduler = self.lr_schedulers()
+        lr = scheduler.get_last_lr()[0] if scheduler is not None else self.optim_cfg.lr  # type: ignore[union-attr]
+        self.log("train/lr", float(lr), on_step=True, on_epoch=False, batch_size=1)
+
+    # --- validation --------------------------------------------------------------------------------------
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        x0, text = batch["latents"], batch["text"]
+        batch_size = len(x0)
+        per_sigma = []
+        for k, sigma in enumerate(self.validation_cfg.sigmas):
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        x0.shape[1:],
+                        generator=torch.Generator(device=x0.device).manual_seed(
+                            sample_seed(self.validation_cfg.seed, p, stream=k + 1)
+                        ),
+                        device=x0.device,
+                        dtype=torch.float32,
+                    )
+                    for p in batch["position"].tolist()
+                ]
+            )
+            loss, _ = flow_matching_loss_at(
+                self._model_fn,
+                x0,
+                {"encoder_hidden_states": text},
+                float(sigma),
+                noise,
+                num_train_timesteps=self.objective.num_train_timesteps,
+            )
+            per_sigma.append(loss)
+            self.log(f"val/loss_sigma_{sigma:g}", loss, sync_dist=True, on_epoch=True, batch_size=batch_size)
+        self.log(
+            "val/loss",
+            torch.stack(per_sigma).mean(),
+            sync_dist=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+        )
+
+    # --- optimisation ------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        assert self.dit is not None, "configure_model() first"
+        optimizer = build_optimizer(
+            self.dit.parameters(), self.optim_cfg, cpu_offload=self.cpu_offload_optimizer
+        )
+        scheduler = build_lr_scheduler(optimizer, self.optim_cfg, self.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping: the raw gradient norm (DeepSpeed keeps gradients inside its engine; see
+        # on_train_batch_end).
+        if self._uses_deepspeed() or self.dit is None:
+            return
+        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]
+        if not grads:  # a skipped (non-finite) step
+            return
+        # FSDP2 gradients are DTensor shards over all ranks: sum the squares locally, then across ranks.
+        sharded = hasattr(grads[0], "to_local")
+        local = [g.to_local() if sharded else g for g in grads]
+        squares = torch.stack([g.detach().float().square().sum() for g in local]).sum()
+        if sharded:
+            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        self.log("train/grad_norm", squares.sqrt(), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeepSpeed computes the gradient norm inside its step; read it once per optimizer step.
+        if self._uses_deepspeed() and self.global_step != self._grad_norm_step:
+            self._grad_norm_step = self.global_step
+            norm = self.trainer.model.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm), on_step=True, on_epoch=False, batch_size=1)
+
+    # --- checkpoint state --------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["t3_nonfinite"] = {
+            "num_skipped": self.num_skipped_nonfinite,
+            "consecutive": self.consecutive_bad,
+        }
+
+    def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        state = checkpoint.get("t3_nonfinite", {})
+        self.num_skipped_nonfinite = int(state.get("num_skipped", 0))
+        self.consecutive_bad = int(state.get("consecutive", 0))

@@ -1,0 +1,315 @@
+"""`train(cfg)`: one fine-tuning run from a composed Hydra config, resumable by rerunning it.
+
+Order of events: export the ranks of a submitit task (`t3.launch`); validate the config (one-line
+`ConfigError` on anything impossible, before any model is built); for ``dry_run=true`` report the plan
+and stop; otherwise build the data module, the `T3FinetuneModule`, the strategy, loggers and callbacks,
+and a Lightning ``Trainer`` whose gradient accumulation keeps the global batch fixed for any GPU count;
+fit, resuming from the newest of ``${run_dir}/checkpoints/last.ckpt`` and a SLURM pre-emption checkpoint
+when one exists; export the fine-tuned DiT.
+
+``run_dir`` is a pure function of the config (``outputs/<experiment_name>`` by default), so killing a run
+and rerunning the same command continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from t3.config import RunFacts, validate
+
+__all__ = ["find_resume_checkpoint", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+def _setup_logging() -> None:
+    """One log stream, from rank zero.
+
+    ``import lightning`` adds a console handler of its own unconditionally; under Hydra (or any configured
+    root logger) every Lightning message would print twice, so it is dropped then. On ranks other than
+    zero, t3's own INFO messages are silenced (warnings and errors still show).
+    """
+    if rank_zero_only.rank > 0:
+        logging.getLogger("t3").setLevel(logging.WARNING)
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> str | None:
+    """The newest checkpoint a previous run of ``run_dir`` left, or None.
+
+    Candidates are ``checkpoints/last.ckpt`` (a link to the newest step checkpoint) and the
+    ``hpc_ckpt_<n>.ckpt`` that Lightning's SLURM environment saves on pre-emption (``slurm/``); a
+    checkpoint is a file, or a folder for DeepSpeed and FSDP2.
+    """
+    run_dir = Path(run_dir)
+    candidates = [
+        p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()
+    ]
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: p.resolve().stat().st_mtime))
+
+
+def _dataset_factory(node: Any) -> Any:
+    if node is None:
+        return None
+    return lambda: instantiate(node, _convert_="all")
+
+
+def _build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers: list[Any] = []
+    if cfg.logger.csv:
+        # One version per (re)start: csv/version_<n>/metrics.csv. Lightning's CSV writer deletes an existing
+        # metrics.csv in its folder, so a resumed run must not reuse the folder of the run it continues.
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
+    if cfg.logger.wandb:
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=cfg.experiment_name,
+                id=_wandb_run_id(run_dir),
+                resume="allow",
+                save_dir=str(run_dir),
+                offline=os.environ.get("WANDB_MODE", cfg.logger.mode) == "offline",
+                mode=os.environ.get("WANDB_MODE", cfg.logger.mode),
+                tags=list(cfg.tags),
+            )
+        )
+    return loggers
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id, created once and kept in the run dir so that a resumed run continues it."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback]:
+    from t3.training.callbacks import EMACallback, SampleVideoCallback, StepCheckpoint, StepTimer
+
+    callbacks: list[Callback] = [
+        # Keep one step checkpoint and point last.ckpt at it: an interrupted save leaves the previous one.
+        StepCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename="step={step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_top_k=1,  # with no monitor: the newest
+            save_last="link",
+            save_on_train_epoch_end=False,
+        ),
+        StepTimer(cfg.batch.global_size, int(torch.tensor(facts.grid).prod())),
+    ]
+    if cfg.ema.enabled:
+        callbacks.append(EMACallback(cfg.ema.decay))
+    if cfg.validation.sample_videos.enabled and cfg.validation.every_n_steps > 0:
+        callbacks.append(
+            SampleVideoCallback(
+                OmegaConf.to_object(cfg.validation.sample_videos),  # type: ignore[arg-type]
+                model=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+                size=(cfg.data.height, cfg.data.width, cfg.data.num_frames),
+                flow_shift=cfg.objective.flow_shift,
+                out_dir=run_dir / "samples",
+                cache_dir=cfg.paths.cache_dir,
+            )
+        )
+    return callbacks
+
+
+def _log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(params)  # type: ignore[arg-type]
+
+
+def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run (or continue) the training run described by ``cfg``.
+
+    Args:
+        cfg: A config composed from ``conf/train.yaml`` (``hydra.compose`` or ``@hydra.main``).
+        callbacks: Extra Lightning callbacks (tests use this to interrupt a run).
+
+    Returns:
+        ``(metrics, objects)``: the final logged metrics as floats, and the built objects (``cfg``,
+        ``facts``, ``trainer``, ``module``, ``datamodule``, ``exported``); for a dry run the metrics of
+        the plan and ``plan``.
+
+    Raises:
+        t3.config.ConfigError: On an impossible config, before anything heavy is built.
+    """
+    from t3.launch import cluster_plugins, prepare_distributed_environment
+
+    # First: inside a submitit task, export its ranks before anything reads them (a no-op otherwise).
+    prepare_distributed_environment()
+    _setup_logging()
+    facts = validate(cfg)
+    if cfg.dry_run:
+        from t3.training.plan import dry_run
+
+        return dry_run(cfg, facts)
+
+    from t3.training.datamodule import T3DataModule
+    from t3.training.export import export_dit, gather_state_dict
+    from t3.training.module import T3FinetuneModule
+    from t3.training.strategies import build_strategy, fsdp2_parallelize
+
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    strategy_cfg = OmegaConf.to_object(cfg.strategy)
+    on_gpu = cfg.trainer.accelerator != "cpu"
+    bf16 = "bf16" in cfg.trainer.precision
+    strategy = build_strategy(
+        strategy_cfg,  # type: ignore[arg-type]
+        accelerator=cfg.trainer.accelerator,
+        world_size=facts.world_size,
+        micro_batch_size=cfg.batch.micro_size,
+    )
+    module = T3FinetuneModule(
+        model=OmegaConf.to_object(cfg.model),  # type: ignore[arg-type]
+        schedule=facts.schedule,
+        finetune=OmegaConf.to_object(cfg.finetune),  # type: ignore[arg-type]
+        optim=OmegaConf.to_object(cfg.optim),  # type: ignore[arg-type]
+        objective=OmegaConf.to_object(cfg.objective),  # type: ignore[arg-type]
+        validation=OmegaConf.to_object(cfg.validation),  # type: ignore[arg-type]
+        max_steps=cfg.trainer.max_steps,
+        seed=cfg.seed,
+        accumulate=facts.accumulate,
+        max_consecutive_bad_steps=cfg.max_consecutive_bad_steps,
+        cpu_offload_optimizer=cfg.strategy.name == "deepspeed" and cfg.strategy.offload_optimizer,
+        parallelize=fsdp2_parallelize if cfg.strategy.name == "fsdp2" else None,
+        param_dtype=torch.bfloat16 if (bf16 and on_gpu) else None,
+    )
+    validate_every = cfg.validation.every_n_steps if cfg.data.val is not None else 0
+    datamodule = T3DataModule(
+        train=_dataset_factory(cfg.data.train),
+        val=_dataset_factory(cfg.data.val) if validate_every else None,
+        prepare=_dataset_factory(cfg.data.prepare),
+        micro_batch_size=cfg.batch.micro_size,
+        accumulate=facts.accumulate,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        val_num_batches=cfg.validation.num_batches,
+    )
+
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy,
+        precision=cfg.trainer.precision,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=facts.accumulate,
+        gradient_clip_val=cfg.trainer.gradient_clip_val or None,
+        gradient_clip_algorithm="norm",
+        # Validation is counted in training batches: every_n_steps optimizer steps of `accumulate` each.
+        val_check_interval=validate_every * facts.accumulate if validate_every else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.validation.num_batches if validate_every else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        logger=_build_loggers(cfg, run_dir) or False,
+        callbacks=[*_callbacks(cfg, facts, run_dir), *callbacks],
+        # Who started the processes (Lightning, torchrun, srun or submitit): see t3.launch.
+        plugins=cluster_plugins(num_processes=facts.world_size),
+        default_root_dir=str(run_dir),
+        # The data module shards data by rank itself (seeded, step-indexed); no DistributedSampler.
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+    )
+    if trainer.world_size != facts.world_size:
+        from t3.config import ConfigError
+
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices!r}: the launcher started {trainer.world_size} processes but the "
+            f"config implies {facts.world_size} (devices x num_nodes); make them agree"
+        )
+    _log_config(trainer, cfg)
+    ckpt_path = find_resume_checkpoint(run_dir) if cfg.resume else None
+    if ckpt_path:
+        logger.info("resuming from %s", ckpt_path)
+    logger.info(
+        "training %s: %d steps, global batch %d = %d x %d GPUs x %d accumulation, run dir %s",
+        cfg.experiment_name,
+        cfg.trainer.max_steps,
+        cfg.batch.global_size,
+        cfg.batch.micro_size,
+        facts.world_size,
+        facts.accumulate,
+        run_dir,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    exported: dict[str, Any] = {}
+    if cfg.export.formats:
+        exported = _export(cfg, trainer, module, run_dir, gather_state_dict, export_dit)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    objects = {
+        "cfg": cfg,
+        "facts": facts,
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+        "exported": exported,
+    }
+    return metrics, objects
+
+
+def _export(
+    cfg: DictConfig, trainer: L.Trainer, module: Any, run_dir: Path, gather: Any, export: Any
+) -> dict[str, Any]:
+    from t3.training.callbacks import EMACallback
+
+    state = gather(trainer, module.dit)  # collective
+    written: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        lora = cfg.finetune.lora
+        common = {
+            "formats": list(cfg.export.formats),
+            "lora_scaling": lora.alpha / lora.rank if cfg.finetune.trainable == "lora" else None,
+            "dtype": cfg.export.dtype,
+            "preset": cfg.model.preset,
+        }
+        config = dict(module.dit.config)
+        written = export(state, config, run_dir / "export", **common)
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMACallback)), None)
+        if ema is not None and ema.shadow is not None:
+            ema_state = {**state, **{k: v.detach().to("cpu", state[k].dtype) for k, v in ema.shadow.items()}}
+            written.update(
+                {
+                    f"ema_{k}": v
+                    for k, v in export(ema_state, config, run_dir / "export_ema", **common).items()
+                }
+            )
+    trainer.strategy.barrier()
+    return written

@@ -1,0 +1,229 @@
+"""Every experiment composes and builds on the meta device; impossible configs fail in one line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from t3.config import ConfigError, register_configs, validate
+
+from .conftest import REPO_ROOT
+
+EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides: str, root: Path | str = "/nonexistent/t3-test-root"):
+    """``conf/train.yaml`` composed with ``overrides`` (as ``python train.py <overrides>`` would)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"paths.root_dir={root}", *overrides])
+
+
+def test_experiments_exist():
+    assert {"t3_720p", "t3_4k", "t3_4k_lora", "t3_720p_wan22", "t3_4k_wan22", "t3_4k_lora_wan22"} <= set(
+        EXPERIMENTS
+    )
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_builds_on_meta(name):
+    from t3.training.plan import build_plan
+
+    cfg = compose_train(f"experiment={name}", "dry_run=true")
+    facts = validate(cfg)
+    plan = build_plan(cfg, facts)
+    params = list(plan.dit.parameters())
+    assert params and all(p.device == torch.device("meta") for p in params)
+    assert plan.num_trainable == sum(p.numel() for p in params if p.requires_grad) > 0
+    assert len(plan.dit.blocks) == facts.num_layers
+    assert plan.macs_t3.total <= plan.macs_dense.total
+    assert cfg.batch.global_size == facts.accumulate * cfg.batch.micro_size * facts.world_size
+    assert plan.optimizer.param_groups[0]["lr"] == cfg.optim.lr
+
+
+PAPER = {
+    # name: (preset, schedule, (h, w, frames), grid, max_steps, trainable)
+    "t3_720p": ("wan2.1-t2v-1.3b", "wan21_windows", (720, 1280, 81), (21, 45, 80), 5000, "all"),
+    "t3_4k": ("wan2.1-t2v-1.3b", "wan21_4k", (2176, 3840, 81), (21, 136, 240), 500, "all"),
+    "t3_4k_lora": ("wan2.1-t2v-1.3b", "wan21_4k", (2176, 3840, 81), (21, 136, 240), 500, "lora"),
+    "t3_720p_wan22": ("wan2.2-ti2v-5b", "wan22_windows", (704, 1280, 81), (21, 22, 40), 5000, "all"),
+    "t3_4k_wan22": ("wan2.2-ti2v-5b", "wan22_4k", (2176, 3840, 81), (21, 68, 120), 500, "all"),
+    "t3_4k_lora_wan22": ("wan2.2-ti2v-5b", "wan22_4k", (2176, 3840, 81), (21, 68, 120), 500, "lora"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_experiments_follow_the_paper_recipe(name):
+    preset, schedule, size, grid, steps, trainable = PAPER[name]
+    cfg = compose_train(f"experiment={name}", "dry_run=true")
+    facts = validate(cfg, world_size=8)
+    assert cfg.experiment_name == name and facts.preset == preset
+    assert facts.schedule.name == schedule and facts.grid == grid
+    assert (cfg.data.height, cfg.data.width, cfg.data.num_frames) == size
+    assert cfg.trainer.max_steps == steps and cfg.finetune.trainable == trainable
+    assert cfg.batch.global_size == 64 and facts.accumulate == 8
+    assert cfg.objective.flow_shift == 5.0 and cfg.objective.timestep_sampler == "shifted"
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.optim.weight_decay == 1e-2
+    assert cfg.trainer.precision == "bf16-mixed"
+    if trainable == "lora":
+        assert cfg.finetune.lora.rank == 64
+    else:
+        assert cfg.optim.lr == 2e-5
+    stage1 = name.replace("4k_lora", "720p").replace("4k", "720p")
+    if "4k" in name:  # stage 2 starts from the stage-1 export
+        assert cfg.model.init_from == f"{cfg.paths.output_dir}/{stage1}/export/diffusers"
+    assert cfg.run_dir == f"{cfg.paths.output_dir}/{name}"
+
+
+def test_default_config_is_a_cpu_smoke_run():
+    cfg = compose_train()
+    facts = validate(cfg)
+    assert cfg.model.preset == "tiny" and cfg.trainer.accelerator == "cpu" and facts.world_size == 1
+
+
+BAD = [
+    # overrides, key the message must name, words it must contain
+    (["data.num_frames=80"], "data.num_frames=80", "4k+1"),
+    (["data.height=72"], "data.height=72", "multiple of 16"),
+    (["experiment=t3_720p_wan22", "dry_run=true", "data.height=720"], "data.height=720", "multiple of 32"),
+    (["t3=wan21_4k"], "t3='wan21_4k'", "does not fit"),
+    (["finetune.trainable=lora", "finetune.lora.rank=0"], "finetune.lora.rank=0", "1 <= rank"),
+    (["finetune.trainable=everything"], "finetune.trainable='everything'", "one of"),
+    (["batch.global_size=6", "batch.micro_size=4"], "batch.global_size=6", "multiple of"),
+    (["optim.lr=0"], "optim.lr=0", "0 < lr"),
+    (["strategy=deepspeed_zero3", "ema.enabled=true"], "ema.enabled=True", "ZeRO-1/2"),
+    (["strategy=deepspeed_zero2", "strategy.zero_stage=4"], "strategy.zero_stage=4", "<= 3"),
+    (["trainer=gpu", "trainer.accelerator=cpu"], "trainer.precision='bf16-mixed'", "32-true"),
+    (["experiment=t3_720p", "data.train.urls_or_dir=/data"], "model.dit_path", "required"),
+    (["experiment=t3_720p", "model.dit_path=/x"], "data.train.urls_or_dir", "required"),
+    (["experiment=t3_4k", "data.train.urls_or_dir=/data"], "model.init_from=", "stage-1"),
+    (["+data.train.num_sample=3"], "data.train.num_sample", "unknown argument"),
+    (["validation.sigmas=[0.5,1.5]"], "validation.sigmas", "[0, 1]"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,words", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_config_fails_in_one_line_naming_the_key(overrides, key, words):
+    cfg = compose_train(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert "\n" not in message and key in message and words in message, message
+
+
+def test_global_batch_must_split_over_the_world_size():
+    cfg = compose_train("batch.global_size=6", "batch.micro_size=1", "strategy=ddp")
+    assert validate(cfg, world_size=3).accumulate == 2
+    with pytest.raises(ConfigError, match=r"batch.global_size=6: must be a multiple of .* = 1 x 4 = 4"):
+        validate(cfg, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [("data.heigth=720", "heigth"), ("data.height=tall", "data.height"), ("finetune.lora.rank=1.5", "rank")],
+)
+def test_typos_and_wrong_types_fail_at_composition(override, words):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(override)
+    assert words in str(info.value) + str(info.value.__cause__)
+
+
+def test_cli_config_error_is_one_line_before_any_model(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "data.num_frames=80", f"paths.root_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert errors == ["config error: data.num_frames=80: must be 4k+1 for tiny (e.g. 77 or 81)"], proc.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs" / "default" / "checkpoints").exists()
+
+
+def test_dry_run_cli_t3_4k_needs_no_weights(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "experiment=t3_4k",
+            "dry_run=true",
+            f"paths.root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for words in (
+        "token grid (21, 136, 240)",
+        "tokens per sample: 685,440",
+        "layer   1: plan (1,17,30)",
+        "self-attention: 4.330e+16 -> 5.945e+14 (72.8x less)",
+        "memory per GPU (DeepSpeed ZeRO-3, 8 GPUs, bf16-mixed)",
+        "tokens/s",
+    ):
+        assert words in out, words
+
+
+def test_dry_run_metrics_and_memory_formulas():
+    from t3.config import StrategyConfig
+    from t3.training import train
+    from t3.training.plan import state_memory
+
+    cfg = compose_train("experiment=t3_4k_lora", "dry_run=true", "dry_run_num_gpus=4")
+    metrics, objects = train(cfg)
+    plan = objects["plan"]
+    assert metrics["dry_run/tokens_per_sample"] == 21 * 136 * 240
+    assert metrics["dry_run/attention_macs_dense"] / metrics["dry_run/attention_macs_t3"] == pytest.approx(
+        72.8, abs=0.05
+    )
+    # LoRA r=64 on q,k,v,o of both attentions and the two FFN linears of 30 blocks: r * (in + out) each.
+    d, f = 1536, 8960
+    expected = 30 * 64 * (8 * (d + d) + (d + f) + (f + d))
+    assert plan.num_trainable == expected
+    # ZeRO-2, bf16: 2P replicated, (2T + 12T) / N.
+    p, t = plan.num_params, plan.num_trainable
+    assert metrics["dry_run/params_gib_per_gpu"] * 2**30 == pytest.approx(2 * p)
+    assert metrics["dry_run/grads_gib_per_gpu"] * 2**30 == pytest.approx(2 * t / 4)
+    assert metrics["dry_run/optimizer_gib_per_gpu"] * 2**30 == pytest.approx(12 * t / 4)
+    full = StrategyConfig(name="deepspeed", zero_stage=3, offload_optimizer=True, offload_parameters=True)
+    assert state_memory(num_params=8, num_trainable=8, strategy=full, world_size=2, bf16=True) == (
+        0,
+        8,
+        0,
+        56,
+    )
+    ddp = StrategyConfig(name="ddp")
+    assert state_memory(num_params=10, num_trainable=4, strategy=ddp, world_size=8, bf16=True) == (
+        40,
+        16,
+        32,
+        0,
+    )
+    assert (
+        math.isfinite(metrics["dry_run/tokens_per_s_t3"])
+        and metrics["dry_run/tokens_per_s_t3"] > metrics["dry_run/tokens_per_s_dense"]
+    )
+
+
+def test_composed_config_keeps_schema_types():
+    cfg = compose_train("experiment=t3_4k", "dry_run=true")
+    assert OmegaConf.get_type(cfg.model).__name__ == "ModelConfig"
+    assert OmegaConf.get_type(cfg.finetune.lora).__name__ == "LoraConfig"

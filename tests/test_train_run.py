@@ -1,0 +1,370 @@
+"""End-to-end CPU training of the tiny model: metrics, checkpoints, export, non-finite guard, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from t3.training import NonFiniteLossError, train
+
+from .test_configs import compose_train
+
+# 32x32x17 on the tiny model: latents (4, 5, 4, 4), token grid (5, 2, 2); a step takes milliseconds.
+TINY = ["data.height=32", "data.width=32", "data.train.num_samples=16", "data.val.num_samples=4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's matrices are far too small for intra-op threads; on a shared 2-core machine the
+    threads only contend (these tests run 2-3x faster single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """Tiny text encoder and encoded synthetic samples, shared by the runs of this module."""
+    return tmp_path_factory.mktemp("t3_cache")
+
+
+def run_cfg(tmp_path: Path, cache_dir: Path, *overrides: str):
+    return compose_train(
+        *TINY,
+        f"paths.cache_dir={cache_dir}",
+        f"run_dir={tmp_path / 'run'}",
+        "validation.num_batches=2",
+        *overrides,
+        root=tmp_path,
+    )
+
+
+def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
+    """``{metric: {step: value}}`` from the run's CSV files, one per (re)start; later rows win."""
+    out: dict[str, dict[int, float]] = {}
+    versions = sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    for version in versions:
+        with open(version / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value != "":
+                        out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+def test_train_tiny_cpu_logs_checkpoints_and_exports(tmp_path, cache_dir):
+    from t3.models import load_dit
+
+    cfg = run_cfg(
+        tmp_path, cache_dir, "trainer.max_steps=3", "validation.every_n_steps=2", "checkpoint.every_n_steps=2"
+    )
+    metrics, objects = train(cfg)
+    run_dir = Path(cfg.run_dir)
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/loss_sigma_0.5",
+        "perf/step_time_s",
+        "train/grad_norm",
+        "train/lr",
+    ):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    logged = read_metrics(run_dir)
+    assert sorted(logged["train/loss"]) == [0, 1, 2]
+    assert logged["train/num_skipped_nonfinite"] == {0: 0.0, 1: 0.0, 2: 0.0}
+    # last.ckpt links the newest step checkpoint, including the final step off the save interval.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and torch.load(last, weights_only=False)["global_step"] == 3
+    # The export is the plain (untransformed) DiT with the trained weights, in both formats.
+    trained = {k: v for k, v in objects["module"].dit.state_dict().items()}
+    for fmt in ("diffusers", "wan"):
+        exported = load_dit(run_dir / "export" / fmt, preset="tiny")
+        assert not hasattr(exported.blocks[0].attn1.processor, "schedule")
+        for key, value in exported.state_dict().items():
+            torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    assert objects["facts"].accumulate == 4  # global batch 4 = micro 1 x 1 process x 4
+
+
+def test_attention_only_trains_self_attention(tmp_path, cache_dir):
+    from t3.models import load_dit
+    from t3.models.tiny import tiny_dit
+
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=2",
+        "finetune.trainable=attention",
+        "finetune.offload_activations=true",  # saved block inputs go through save_on_cpu
+        "validation.every_n_steps=0",
+    )
+    train(cfg)
+    before = tiny_dit(seed=0).state_dict()
+    after = load_dit(Path(cfg.run_dir) / "export" / "diffusers").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn1.to_" in k for k in changed), sorted(changed)[:5]
+
+
+def test_lora_trains_adapters_and_exports_them_merged(tmp_path, cache_dir):
+    from t3.models import load_dit
+
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=2",
+        "finetune.trainable=lora",
+        "finetune.lora.rank=4",
+        "finetune.lora.alpha=8",
+        "optim.lr=1e-2",
+        "validation.every_n_steps=0",
+    )
+    _, objects = train(cfg)
+    module = objects["module"]
+    assert all(("lora_" in n) == p.requires_grad for n, p in module.dit.named_parameters())
+    exported = load_dit(Path(cfg.run_dir) / "export" / "diffusers")
+    # Same function: the merged export equals the adapted model on a random input.
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 5, 4, 4)
+    t = torch.tensor([500.0])
+    text = torch.randn(1, 7, 16)
+    import t3
+
+    t3.transform(exported, module.schedule)
+    module.dit.eval()
+    with torch.no_grad():
+        expected = module.dit(x, t, text, return_dict=False)[0]
+        got = exported(x, t, text, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # The adapters learned something, and it is in the exported weight.
+    base = module.dit.blocks[0].attn1.to_q.base_layer.weight
+    assert not torch.equal(exported.blocks[0].attn1.to_q.weight, base)
+
+
+class _NaNAt(L.Callback):
+    """Make the DiT output NaN for the given batch indices (batch_idx counts micro-batches)."""
+
+    def __init__(self, batches: set[int]) -> None:
+        self.batches = batches
+        self.snapshots: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self._before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = {k: v.detach().clone() for k, v in pl_module.dit.state_dict().items()}
+        if batch_idx in self.batches:
+            real = pl_module._model_fn.__func__
+
+            def nan_fn(self_, *args, **kwargs):
+                return real(self_, *args, **kwargs) * float("nan")
+
+            pl_module._model_fn = nan_fn.__get__(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx in self.batches:
+            del pl_module._model_fn  # back to the class method
+            after = {k: v.detach().clone() for k, v in pl_module.dit.state_dict().items()}
+            self.snapshots[batch_idx] = (self._before, after)
+
+
+def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, cache_dir):
+    # Global batch 2 = micro 2: one micro-batch per step, so a bad batch is a whole skipped step.
+    guard = _NaNAt({1, 3})
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=5",
+        "batch.global_size=2",
+        "batch.micro_size=2",
+        "validation.every_n_steps=0",
+    )
+    train(cfg, callbacks=[guard])
+    for before, after in guard.snapshots.values():
+        assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step moved the weights"
+    logged = read_metrics(Path(cfg.run_dir))
+    assert logged["train/num_skipped_nonfinite"] == {0: 0.0, 1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0}
+    assert math.isnan(logged["train/loss"][1]) and math.isfinite(logged["train/loss"][2])
+
+
+def test_consecutive_nonfinite_losses_stop_with_a_clear_message(tmp_path, cache_dir):
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=10",
+        "batch.global_size=2",
+        "batch.micro_size=2",
+        "validation.every_n_steps=0",
+        "max_consecutive_bad_steps=3",
+    )
+    with pytest.raises(NonFiniteLossError, match="3 consecutive micro-batches had a non-finite loss"):
+        train(cfg, callbacks=[_NaNAt({2, 3, 4, 5, 6})])
+
+
+class _Crash(L.Callback):
+    """Kill the run (an exception, as a node failure would) at micro-batch ``batch_idx``."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            raise RuntimeError("simulated kill")
+
+
+def test_resume_continues_bit_identically(tmp_path, cache_dir):
+    common = (
+        "trainer.max_steps=6",
+        "batch.global_size=4",
+        "batch.micro_size=2",  # 2 micro-batches per step
+        "checkpoint.every_n_steps=1",
+        "validation.every_n_steps=3",
+        "optim.schedule=cosine",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+    )
+    straight = run_cfg(tmp_path / "a", cache_dir, *common)
+    train(straight)
+
+    resumed = run_cfg(tmp_path / "b", cache_dir, *common)
+    # Killed in the middle of step 4 (micro-batch 7); last.ckpt holds step 3.
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(resumed, callbacks=[_Crash(batch_idx=7)])
+    assert (
+        torch.load(Path(resumed.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+        == 3
+    )
+    train(resumed)  # the same command again
+
+    with open(Path(resumed.run_dir) / "csv" / "version_1" / "metrics.csv") as f:  # the second start
+        assert {int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]} == {3, 4, 5}
+    a, b = read_metrics(Path(straight.run_dir)), read_metrics(Path(resumed.run_dir))
+    assert sorted(a["train/loss"]) == sorted(b["train/loss"]) == list(range(6))
+    assert a["train/loss"] == b["train/loss"]  # bit-identical, float for float
+    assert a["val/loss"] == b["val/loss"]
+    assert a["train/lr"] == b["train/lr"]
+    wa = torch.load(Path(straight.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    wb = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ema_is_checkpointed_and_exported(tmp_path, cache_dir):
+    from t3.models import load_dit
+
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=3",
+        "ema.enabled=true",
+        "ema.decay=0.5",
+        "validation.every_n_steps=0",
+        "optim.lr=1e-2",
+    )
+    _, objects = train(cfg)
+    run_dir = Path(cfg.run_dir)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    shadow = next(v for k, v in state.items() if k.startswith("EMACallback"))["shadow"]
+    ema = load_dit(run_dir / "export_ema" / "diffusers").state_dict()
+    raw = load_dit(run_dir / "export" / "diffusers").state_dict()
+    key = "blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(ema[key], shadow[key])
+    assert not torch.equal(ema[key], raw[key])
+
+
+def test_sample_videos_are_written_at_validation(tmp_path, cache_dir):
+    pytest.importorskip("av")
+    from t3.video_io import read_video
+
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=2",
+        "validation.every_n_steps=2",
+        "validation.num_batches=1",
+        "validation.sample_videos.enabled=true",
+        "validation.sample_videos.num_steps=2",
+        "validation.sample_videos.prompts=[a red circle moving left]",
+        "export.formats=[]",
+    )
+    train(cfg)
+    videos = sorted((Path(cfg.run_dir) / "samples").glob("step_*/*.mp4"))
+    assert [v.parent.name for v in videos] == ["step_0000002"]
+    assert read_video(videos[0]).shape == (17, 32, 32, 3)
+
+
+def test_latent_shards_stream_trains_and_resumes_identically(tmp_path, cache_dir):
+    from t3.data import write_shards
+    from t3.training.datamodule import synthetic_latents
+
+    samples = synthetic_latents(
+        24, height=32, width=32, num_frames=17, seed=5, model={"preset": "tiny"}, cache_dir=str(cache_dir)
+    )
+    write_shards((samples[i] for i in range(16)), tmp_path / "train", maxcount=4)
+    write_shards((samples[i] for i in range(16, 24)), tmp_path / "val", maxcount=4)
+    common = (
+        "data=latent_shards",
+        "data.height=32",
+        "data.width=32",
+        "data.num_frames=17",
+        "data.num_workers=0",
+        f"data.train.urls_or_dir={tmp_path / 'train'}",
+        f"data.val.urls_or_dir={tmp_path / 'val'}",
+        "data.train.shuffle_buffer=4",
+        "batch.global_size=4",
+        "batch.micro_size=2",
+        "trainer.max_steps=6",  # 16 samples = 4 steps per epoch: crosses an epoch boundary
+        "validation.every_n_steps=3",
+        "checkpoint.every_n_steps=1",
+        "optim.lr=1e-3",
+    )
+    straight = compose_train(
+        *common, f"paths.cache_dir={cache_dir}", f"run_dir={tmp_path / 'a'}", root=tmp_path
+    )
+    train(straight)
+    resumed = compose_train(
+        *common, f"paths.cache_dir={cache_dir}", f"run_dir={tmp_path / 'b'}", root=tmp_path
+    )
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(resumed, callbacks=[_Crash(batch_idx=10)])
+    train(resumed)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert sorted(a["train/loss"]) == list(range(6)) and a["train/loss"] == b["train/loss"]
+    assert a["val/loss"] == b["val/loss"] and len(a["val/loss"]) == 2
+
+
+def test_raw_videos_are_prepared_once_then_trained_on(tmp_path, cache_dir):
+    pytest.importorskip("av")
+    from t3.data import synthetic_video
+    from t3.video_io import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rows = ["path,caption"]
+    for i in range(4):
+        frames, caption = synthetic_video(i, frames=20, height=48, width=48, seed=9)
+        write_video(videos / f"clip{i}.mp4", frames, fps=16)
+        rows.append(f"clip{i}.mp4,{caption}")
+    (videos / "list.csv").write_text("\n".join(rows) + "\n")
+    cfg = compose_train(
+        f"paths.cache_dir={cache_dir}",
+        f"run_dir={tmp_path / 'run'}",
+        "data=raw_videos",
+        "data.height=32",
+        "data.width=32",
+        "data.num_frames=17",
+        "data.num_workers=0",
+        f"data.prepare.video_list={videos / 'list.csv'}",
+        "data.prepare.fps=null",
+        "data.train.shuffle_buffer=0",
+        "batch.global_size=2",
+        "batch.micro_size=2",
+        "trainer.max_steps=2",
+        "validation.every_n_steps=0",
+        "export.formats=[]",
+        root=tmp_path,
+    )
+    metrics, _ = train(cfg)
+    shards = sorted(Path(cfg.data.prepare.out_dir).glob("shard-*.tar"))
+    assert shards and math.isfinite(metrics["train/loss"])

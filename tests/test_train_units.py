@@ -1,0 +1,142 @@
+"""Pieces of the training stack in isolation: LR schedule, data order, LoRA merge, DeepSpeed config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from t3.config import OptimConfig, StrategyConfig
+from t3.training.datamodule import StepSampler
+from t3.training.module import sample_seed
+from t3.training.optim import build_lr_scheduler, lr_factor
+from t3.training.params import merge_lora_state_dict, select_trainable
+from t3.training.strategies import deepspeed_config
+
+
+def test_lr_factor_warmup_then_cosine_to_the_floor():
+    kw = {"warmup_steps": 4, "schedule": "cosine", "decay_steps": 14, "min_lr_ratio": 0.1}
+    assert [lr_factor(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, **kw) == 1.0
+    assert lr_factor(9, **kw) == pytest.approx(0.55)
+    assert lr_factor(14, **kw) == pytest.approx(0.1) and lr_factor(100, **kw) == pytest.approx(0.1)
+    assert lr_factor(50, warmup_steps=0, schedule="constant", decay_steps=10, min_lr_ratio=0) == 1.0
+
+
+def test_lr_scheduler_follows_the_factor_per_optimizer_step():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = build_lr_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine"), max_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] < lrs[2]
+
+
+def _stream(
+    world: int, micro: int, accumulate: int, steps: int, start: int = 0
+) -> list[list[tuple[int, int]]]:
+    """Per optimizer step, the (position, index) pairs all ranks see together, in rank order."""
+    samplers = [
+        StepSampler(
+            10,
+            micro_batch_size=micro,
+            accumulate=accumulate,
+            rank=r,
+            world_size=world,
+            seed=3,
+            start_step=lambda: start,
+        )
+        for r in range(world)
+    ]
+    iters = [iter(s) for s in samplers]
+    out = []
+    for _ in range(steps):
+        step = []
+        for it in iters:
+            for _ in range(accumulate):
+                step += next(it)
+        out.append(step)
+    return out
+
+
+def test_step_sampler_global_batch_is_independent_of_the_split():
+    one = _stream(world=1, micro=4, accumulate=2, steps=5)
+    two = _stream(world=2, micro=2, accumulate=2, steps=5)
+    four = _stream(world=4, micro=1, accumulate=2, steps=5)
+    assert one == two == four
+    positions = [p for step in one for p, _ in step]
+    assert positions == list(range(40))
+    # Every epoch of 10 positions is a permutation of the data set; epochs differ.
+    indices = [i for step in one for _, i in step]
+    assert all(sorted(indices[e * 10 : (e + 1) * 10]) == list(range(10)) for e in range(4))
+    assert indices[:10] != indices[10:20]
+
+
+def test_step_sampler_resumes_at_the_step_without_reading_earlier_ones():
+    full = _stream(world=2, micro=1, accumulate=2, steps=6)
+    assert _stream(world=2, micro=1, accumulate=2, steps=3, start=3) == full[3:]
+
+
+def test_sample_seed_is_stable_and_distinct():
+    assert sample_seed(42, 7) == sample_seed(42, 7)
+    assert (
+        len({sample_seed(42, p) for p in range(1000)} | {sample_seed(43, 0), sample_seed(42, 0, stream=1)})
+        == 1002
+    )
+    assert 0 <= sample_seed(2**40, 2**40) < 2**63
+
+
+def test_merge_lora_state_dict_matches_peft():
+    from peft.tuners.lora import LoraLayer
+
+    from t3.models.tiny import tiny_dit
+
+    model = tiny_dit()
+    select_trainable(
+        model,
+        "lora",
+        lora={"rank": 4, "alpha": 12.0, "dropout": 0.0, "target_modules": ["to_q", "to_out.0", "ffn.net.2"]},
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    merged = merge_lora_state_dict(model.state_dict(), scaling=12.0 / 4)
+    plain = tiny_dit().state_dict()
+    assert merged.keys() == plain.keys()
+    layer = model.blocks[1].attn2.to_out[0]
+    assert isinstance(layer, LoraLayer)
+    expected = layer.get_base_layer().weight + layer.get_delta_weight("default")
+    torch.testing.assert_close(merged["blocks.1.attn2.to_out.0.weight"], expected)
+    torch.testing.assert_close(merged["blocks.1.attn2.to_out.0.bias"], layer.get_base_layer().bias)
+    assert torch.equal(merged["blocks.1.attn1.to_k.weight"], plain["blocks.1.attn1.to_k.weight"])
+
+
+def test_select_trainable_attention_is_self_attention_qkvo():
+    from t3.models.tiny import tiny_dit
+
+    model = tiny_dit()
+    summary = select_trainable(model, "attention")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".attn1.to_" in n for n in names)
+    assert len(names) == 5 * 4 * 2  # 5 blocks x (q, k, v, o) x (weight, bias)
+    assert summary.trainable == sum(p.numel() for n, p in model.named_parameters() if n in names)
+    with pytest.raises(ValueError, match="unknown trainable mode"):
+        select_trainable(model, "norms")
+
+
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (3, True)])
+def test_deepspeed_config(stage, offload):
+    cfg = StrategyConfig(
+        name="deepspeed", zero_stage=stage, offload_optimizer=offload, offload_parameters=offload
+    )
+    ds = deepspeed_config(cfg, micro_batch_size=2)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == offload
+    assert "gradient_accumulation_steps" not in ds  # Lightning sets it from accumulate_grad_batches
+    assert math.isfinite(zero["reduce_bucket_size"])
