@@ -6,7 +6,9 @@ the path and what was expected. Tiny random stand-ins for tests live in :mod:`t3
 
 from __future__ import annotations
 
-from t3.models.dit import CheckpointMismatchError, load_dit, match_preset, save_dit
+import importlib
+from typing import TYPE_CHECKING
+
 from t3.models.presets import (
     DIT_PRESETS,
     MODEL_SPECS,
@@ -18,16 +20,47 @@ from t3.models.presets import (
     preset_names,
     vae_stride,
 )
-from t3.models.text_encoder import PromptEmbeddingCache, TextEncoder, clean_prompt, load_text_encoder
-from t3.models.vae import (
-    decode_latents,
-    denormalize_latents,
-    encode_video,
-    load_vae,
-    normalize_latents,
-    vae_tiling,
-)
-from t3.models.wan_keys import diffusers_to_wan, wan_to_diffusers
+
+# The loaders import diffusers and transformers (seconds); presets do not. Importing the loaders on
+# first use keeps config validation (which only needs presets) fast.
+_LAZY = {
+    "CheckpointMismatchError": "t3.models.dit",
+    "load_dit": "t3.models.dit",
+    "match_preset": "t3.models.dit",
+    "save_dit": "t3.models.dit",
+    "PromptEmbeddingCache": "t3.models.text_encoder",
+    "TextEncoder": "t3.models.text_encoder",
+    "clean_prompt": "t3.models.text_encoder",
+    "load_text_encoder": "t3.models.text_encoder",
+    "decode_latents": "t3.models.vae",
+    "denormalize_latents": "t3.models.vae",
+    "encode_video": "t3.models.vae",
+    "load_vae": "t3.models.vae",
+    "normalize_latents": "t3.models.vae",
+    "vae_tiling": "t3.models.vae",
+    "diffusers_to_wan": "t3.models.wan_keys",
+    "wan_to_diffusers": "t3.models.wan_keys",
+}
+
+if TYPE_CHECKING:
+    from t3.models.dit import CheckpointMismatchError, load_dit, match_preset, save_dit
+    from t3.models.text_encoder import PromptEmbeddingCache, TextEncoder, clean_prompt, load_text_encoder
+    from t3.models.vae import (
+        decode_latents,
+        denormalize_latents,
+        encode_video,
+        load_vae,
+        normalize_latents,
+        vae_tiling,
+    )
+    from t3.models.wan_keys import diffusers_to_wan, wan_to_diffusers
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 't3.models' has no attribute {name!r}")
+
 
 __all__ = [
     "DIT_PRESETS",
