@@ -7,7 +7,11 @@ Lightning or any model is even imported: an impossible value is printed as one l
 
 from __future__ import annotations
 
+import time
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from t3.config import ConfigError, register_configs, validate
@@ -24,7 +28,14 @@ def main(cfg: DictConfig) -> float | None:
 
         metrics, _ = train(cfg)
     except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise SystemExit(f"config error: {err}") from None
+        # In a sweep, fail this job only (SystemExit would end the whole sweep) and leave its reason
+        # in summary.json for `python -m t3.report`.
+        from t3.training.train import write_train_summary
+
+        write_train_summary(cfg, "failed", time.time(), error=f"ConfigError: {err}")
+        raise
     return metrics.get("train/loss")
 
 

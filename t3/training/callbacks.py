@@ -38,6 +38,13 @@ class StepCheckpoint(ModelCheckpoint):
     those steps.
     """
 
+    @property
+    def state_key(self) -> str:
+        # Lightning keys callback state by the callback's settings: a run restarted with another
+        # checkpoint interval would lose it, write last-v1.ckpt beside a stale last.ckpt and later resume
+        # from the stale one. A run has one StepCheckpoint, so a fixed key is safe.
+        return "StepCheckpoint"
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,69 @@ def _log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run (or continue) the training run described by ``cfg`` and write its ``summary.json``.
+
+    The summary (`t3.summary`) records how the run ended, its final metrics, speed and exported
+    checkpoint; a failed run records the error and re-raises. Dry runs write none.
+    """
+    started = time.time()
+    try:
+        metrics, objects = _train(cfg, callbacks=callbacks)
+    except Exception as err:
+        if not cfg.get("dry_run"):
+            write_train_summary(cfg, "failed", started, error=f"{type(err).__name__}: {err}")
+        raise
+    if not cfg.dry_run:
+        exported = objects["exported"].get("diffusers") or objects["exported"].get("wan")
+        write_train_summary(cfg, "completed", started, metrics=metrics, checkpoint=exported)
+    return metrics, objects
+
+
+def write_train_summary(
+    cfg: DictConfig,
+    status: str,
+    started: float,
+    *,
+    metrics: dict[str, Any] | None = None,
+    checkpoint: Any = None,
+    error: str | None = None,
+) -> None:
+    """Write ``run_dir/summary.json`` on rank 0; never let bookkeeping hide the run's own outcome."""
+    if rank_zero_only.rank != 0:
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    from t3.profiling import device_name
+    from t3.summary import write_run_summary
+
+    metrics = metrics or {}
+    try:
+        try:
+            resolved: Any = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # an unresolvable config may be why the run failed
+            resolved = OmegaConf.to_yaml(cfg)
+        device = "cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+        write_run_summary(
+            cfg.run_dir,
+            task="train",
+            status=status,
+            experiment=cfg.experiment_name,
+            overrides=list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+            resolved_config=resolved,
+            metrics={k: v for k, v in metrics.items() if not k.startswith("perf/")},
+            speed={
+                **{k: v for k, v in metrics.items() if k.startswith("perf/")},
+                "device": device_name(device),
+            },
+            checkpoint=str(checkpoint or find_resume_checkpoint(cfg.run_dir) or "") or None,
+            error=None if error is None else error.splitlines()[0],
+            started=started,
+        )
+    except Exception as err:  # noqa: BLE001
+        logger.warning("could not write the run summary: %s", err)
+
+
+def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run (or continue) the training run described by ``cfg``.
 
     Args:
