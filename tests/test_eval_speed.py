@@ -66,3 +66,9 @@ def test_speed_macs_only_counts_4k_without_a_model(tmp_path):
     assert ratios["self_attention_macs"] == pytest.approx(72.8, abs=0.05)
     assert ratios["dit_step_macs"] == pytest.approx(29.8, abs=0.05)
     assert "MACs only" in speed_markdown(report)
+    # The run leaves a summary.json beside speed.json for `python -m t3.report`.
+    from t3.summary import read_run_summary
+
+    summary = read_run_summary(tmp_path / "speed")
+    assert summary["task"] == "eval/speed" and summary["status"] == "completed"
+    assert summary["speed"]["dense/wan21_windows/dit_step_macs"] == pytest.approx(29.8, abs=0.05)

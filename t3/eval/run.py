@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from t3.eval.generate_stage import GenerationSettings, ModelPaths, check_setting
 from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
 from t3.eval.score_stage import FVDSettings, ScoreSettings, run_scoring
 from t3.eval.speed_stage import SpeedSettings, run_speed
+from t3.summary import write_run_summary
 
 __all__ = ["STAGES", "run"]
 
@@ -103,9 +105,38 @@ def run(cfg: DictConfig) -> Any:
         raise ValueError(f"stage={stage!r}: expected one of {list(STAGES)}")
     if stage == "generate":
         return _run_generate(cfg)
+    started = time.time()
     if stage == "score":
-        return _run_score(cfg)
-    return _run_speed(cfg)
+        report = _run_score(cfg)
+        metrics = {name: m["value"] for name, m in report["metrics"].items()}
+        _write_summary(cfg, cfg.out_dir, started, metrics=metrics, speed={})
+        return report
+    report = _run_speed(cfg)
+    ratios = {
+        f"{pair}/{k}": v for pair, r in report["ratios"].items() for k, v in r.items()
+    }  # dense/<t3>/...
+    _write_summary(
+        cfg, cfg.speed.out_dir, started, metrics={}, speed={**ratios, "device": report["setup"].get("device")}
+    )
+    return report
+
+
+def _write_summary(cfg: DictConfig, out_dir: str, started: float, *, metrics: dict, speed: dict) -> None:
+    """``summary.json`` of a score or speed run, beside its results (for ``python -m t3.report``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    write_run_summary(
+        out_dir,
+        task=f"eval/{cfg.stage}",
+        status="completed",
+        experiment=f"{cfg.benchmark.name}/{cfg.run_name}",
+        overrides=list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        resolved_config=OmegaConf.to_container(cfg, resolve=True),
+        metrics=metrics,
+        speed=speed,
+        checkpoint=cfg.get("ckpt") or cfg.model.get("dit_path"),
+        started=started,
+    )
 
 
 def _run_generate(cfg: DictConfig) -> Any:
