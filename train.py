@@ -24,6 +24,11 @@ def main(cfg: DictConfig) -> float | None:
     """Run one training job; returns the final ``train/loss`` (for Hydra sweepers)."""
     try:
         validate(cfg)
+        if cfg.get("demo") is not None:  # `python train.py`: the default experiment is the CPU demo
+            from t3.demo import run_demo
+
+            run_demo(cfg)
+            return None
         from t3.training import train
 
         metrics, _ = train(cfg)

@@ -422,6 +422,9 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # Settings of the embedded CPU demo (conf/experiment/demo.yaml, checked by t3.demo.DemoConfig);
+    # None for an ordinary training run.
+    demo: Any = None
 
 
 def register_configs() -> None:

@@ -21,12 +21,18 @@ from .conftest import REPO_ROOT
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
+def _plain_default(overrides: tuple[str, ...]) -> list[str]:
+    """Without an ``experiment=`` override, drop the default ``demo`` experiment (``python train.py``)."""
+    has_experiment = any(o.lstrip("+~").startswith("experiment") for o in overrides)
+    return list(overrides) if has_experiment else ["~experiment", *overrides]
+
+
 def compose_train(*overrides: str, root: Path | str = "/nonexistent/t3-test-root"):
     """``conf/train.yaml`` composed with ``overrides`` (as ``python train.py <overrides>`` would)."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"paths.root_dir={root}", *overrides])
+        return compose(config_name="train", overrides=[f"paths.root_dir={root}", *_plain_default(overrides)])
 
 
 def test_experiments_exist():

@@ -45,13 +45,21 @@ GRIDS = {  # token grids of Wan2.1 at 81 frames: 480p, 720p, 1088p, 4K
 WHOLE_FRAME = (1, None, None)
 
 
+def _plain_default(overrides: tuple[str, ...]) -> list[str]:
+    """Without an ``experiment=`` override, drop the default ``demo`` experiment (``python train.py``)."""
+    has_experiment = any(o.lstrip("+~").startswith("experiment") for o in overrides)
+    return list(overrides) if has_experiment else ["~experiment", *overrides]
+
+
 def compose_with_hydra(*overrides: str, root: Path | str = "/nonexistent/t3-test-root") -> DictConfig:
     """``conf/train.yaml`` with ``overrides``, including the ``hydra`` node (sweeper, sweep folders)."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
-            config_name="train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
+            config_name="train",
+            overrides=[f"paths.root_dir={root}", *_plain_default(overrides)],
+            return_hydra_config=True,
         )
 
 

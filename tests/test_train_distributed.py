@@ -26,6 +26,7 @@ from .test_train_run import TINY, _one_thread, read_metrics  # noqa: F401 (autou
 pytestmark = pytest.mark.slow
 
 COMMON = [
+    "~experiment",  # the plain tiny run, not the default demo
     *TINY,
     "trainer.max_steps=4",
     "batch.global_size=4",
