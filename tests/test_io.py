@@ -19,3 +19,12 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]
     write_text_atomic(target, "new\n")
     assert target.read_text() == "new\n"
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = write_text_atomic(tmp_path / "r.md", "x")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from t3.data.buckets import BucketBatcher, consecutive_batches
 from t3.data.video import Clip, ClipError, read_clip
+from t3.io import write_text_atomic
 
 if TYPE_CHECKING:
     from t3.models.presets import ModelSpec
@@ -744,14 +745,8 @@ class PrepareResult:
 
 
 def _write_json_atomic(path: Path, data: Any, *, lines: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if lines:
-            for record in data:
-                f.write(json.dumps(record) + "\n")
-        else:
-            json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    text = "".join(json.dumps(record) + "\n" for record in data) if lines else json.dumps(data, indent=2)
+    write_text_atomic(path, text)
 
 
 def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
