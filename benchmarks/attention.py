@@ -2,11 +2,14 @@
 
 For each token grid it measures, side by side in one run, the latency and peak memory of
 - dense attention (one scaled_dot_product_attention over all tokens),
-- T3 attention (`t3_attention`: both branches, grouped into one call),
+- T3 attention (`t3_attention` with its defaults: on CPU, runs of a few windows per call),
+- T3 attention with every group in one call (``tokens_per_call`` unbounded),
 - the straightforward T3 implementation (rearrange + copy per tensor per branch, two calls, mean),
 and prints the speed-up of T3 over dense, the FLOP ratio, their quotient (efficiency: 1.0 means
 T3 runs as many FLOP/s as dense), our speed-up over the straightforward implementation, the peak
-memory ratio, and the fitted exponent of time vs tokens for each method.
+memory ratio, what autograd holds for backward, the time of a training step (forward + backward)
+of T3 and of the straightforward implementation, and the fitted exponent of time vs tokens for
+each method, next to the exponent that T3's own MAC count implies over the same grids.
 
     python benchmarks/attention.py                      # CPU float32, windows (21, 8, 8)
     python benchmarks/attention.py --device cuda --dtype bfloat16 --dense-max-tokens 70000
@@ -22,6 +25,7 @@ import functools
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,6 +57,28 @@ def fit_exponent(tokens: list[int], seconds: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+def training_step(
+    forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad_out: torch.Tensor
+) -> None:
+    forward().backward(grad_out)
+    for x in leaves:
+        x.grad = None
+
+
+def interleaved(
+    methods: dict[str, Callable[[], object]], device: torch.device, repeats: int, row: dict, suffix: str
+) -> None:
+    """Time every method once per round for ``repeats`` rounds; record each one's fastest round."""
+    timings: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            timings[name].append(time_call(fn, device, warmup=0, repeats=1).min_s)
+    for name in methods:
+        row[f"{name}{suffix}"] = min(timings[name])
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -67,33 +93,50 @@ def run(args: argparse.Namespace) -> list[dict]:
         q, k, v = (torch.randn(1, L, args.heads, args.head_dim, device=device, dtype=dtype) for _ in range(3))
         methods = {
             "t3": functools.partial(t3_attention, q, k, v, grid, plan, backend=args.backend),
+            "t3_one_call": functools.partial(
+                t3_attention, q, k, v, grid, plan, backend=args.backend, tokens_per_call=2**62
+            ),
             "straightforward": functools.partial(straightforward_t3_attention, q, k, v, grid, plan),
         }
         if L <= args.dense_max_tokens:
             methods["dense"] = functools.partial(dense, q, k, v)
+        t3_macs = plan_attention_macs(grid, plan, computed, args.heads, args.head_dim)
         row = {
             "tokens": L,
             "grid": "x".join(map(str, grid)),
             "plan": str(plan),
             "window_tokens": plan.group_size(grid),
-            "flop_ratio": dense_attention_macs(L, args.heads, args.head_dim)
-            / plan_attention_macs(grid, plan, computed, args.heads, args.head_dim),
+            "branches_computed": len(computed),
+            "t3_macs": t3_macs,
+            "flop_ratio": dense_attention_macs(L, args.heads, args.head_dim) / t3_macs,
         }
         # Interleave the methods round by round and keep each one's fastest round, so that load from
         # other processes on a shared machine hits all methods alike and inflates none of the minima.
         with torch.no_grad():
-            timings: dict[str, list[float]] = {name: [] for name in methods}
-            for fn in methods.values():
-                fn()  # warm-up
-            for _ in range(args.repeats):
-                for name, fn in methods.items():
-                    timings[name].append(time_call(fn, device, warmup=0, repeats=1).min_s)
+            interleaved(methods, device, args.repeats, row, "_s")
             for name, fn in methods.items():
-                row[f"{name}_s"] = min(timings[name])
-                row[f"{name}_peak_mib"] = peak_memory_bytes(fn, device) / 2**20
-        # Training: what autograd holds between forward and backward (the output excluded).
-        for name, fn in methods.items():
-            row[f"{name}_saved_mib"] = saved_for_backward_bytes(fn, (q, k, v), device) / 2**20
+                if name != "t3_one_call":
+                    row[f"{name}_peak_mib"] = peak_memory_bytes(fn, device) / 2**20
+        # Training: what autograd holds between forward and backward (the output excluded), and
+        # the time of forward + backward.
+        for name in ("t3", "straightforward", "dense"):
+            if name in methods:
+                row[f"{name}_saved_mib"] = saved_for_backward_bytes(methods[name], (q, k, v), device) / 2**20
+        if args.backward:
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            grad_out = torch.randn_like(q)
+            steps = {
+                "t3": functools.partial(t3_attention, *leaves, grid, plan, backend=args.backend),
+                "straightforward": functools.partial(straightforward_t3_attention, *leaves, grid, plan),
+            }
+            interleaved(
+                {name: functools.partial(training_step, fn, leaves, grad_out) for name, fn in steps.items()},
+                device,
+                args.repeats,
+                row,
+                "_train_s",
+            )
+            row["train_vs_straightforward"] = row["straightforward_train_s"] / row["t3_train_s"]
         if "dense_s" in row:
             row["speedup"] = row["dense_s"] / row["t3_s"]
             row["efficiency"] = row["speedup"] / row["flop_ratio"]
@@ -113,26 +156,73 @@ def table(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| tokens | grid | plan | window | dense s | T3 s | straightf. s | speed-up | FLOP ratio | efficiency "
-        "| vs straightf. | dense MiB | T3 MiB | straightf. MiB | T3/straightf. mem "
-        "| saved for bwd: dense | T3 | straightf. | T3/straightf. |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Forward latency (no grad):",
+        "",
+        "| tokens | grid | plan | window | branches | dense s | T3 s | T3 one call s | straightf. s | speed-up "
+        "| FLOP ratio | efficiency | vs straightf. |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['tokens']} | {r['grid']} | {r['plan']} | {r['window_tokens']} | {fmt(r.get('dense_s'), '.4f')} "
-            f"| {r['t3_s']:.4f} | {r['straightforward_s']:.4f} | {fmt(r.get('speedup'), '.2f')} | {r['flop_ratio']:.2f} "
-            f"| {fmt(r.get('efficiency'), '.2f')} | {r['vs_straightforward']:.2f} | {fmt(r.get('dense_peak_mib'), '.1f')} "
-            f"| {r['t3_peak_mib']:.1f} | {r['straightforward_peak_mib']:.1f} | {r['mem_vs_straightforward']:.2f} "
-            f"| {fmt(r.get('dense_saved_mib'), '.1f')} | {r['t3_saved_mib']:.1f} | {r['straightforward_saved_mib']:.1f} "
-            f"| {r['saved_vs_straightforward']:.2f} |"
+            f"| {r['tokens']} | {r['grid']} | {r['plan']} | {r['window_tokens']} | {r['branches_computed']} "
+            f"| {fmt(r.get('dense_s'), '.4f')} | {r['t3_s']:.4f} | {r['t3_one_call_s']:.4f} | {r['straightforward_s']:.4f} "
+            f"| {fmt(r.get('speedup'), '.2f')} | {r['flop_ratio']:.2f} | {fmt(r.get('efficiency'), '.2f')} "
+            f"| {r['vs_straightforward']:.2f} |"
         )
-    exps = {}
-    for name in ("dense", "t3", "straightforward"):
-        pts = [(r["tokens"], r[f"{name}_s"]) for r in rows if f"{name}_s" in r]
-        exps[name] = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
-    lines += ["", "fitted exponent of time vs tokens: " + ", ".join(f"{k} {v:.2f}" for k, v in exps.items())]
+    lines += [
+        "",
+        "Memory (MiB) and training step (forward + backward, s):",
+        "",
+        "| tokens | peak: dense | T3 | straightf. | T3/straightf. | saved for bwd: dense | T3 | straightf. "
+        "| T3/straightf. | train: T3 s | straightf. s | vs straightf. |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens']} | {fmt(r.get('dense_peak_mib'), '.1f')} | {r['t3_peak_mib']:.1f} "
+            f"| {r['straightforward_peak_mib']:.1f} | {r['mem_vs_straightforward']:.2f} "
+            f"| {fmt(r.get('dense_saved_mib'), '.1f')} | {r['t3_saved_mib']:.1f} | {r['straightforward_saved_mib']:.1f} "
+            f"| {r['saved_vs_straightforward']:.2f} | {fmt(r.get('t3_train_s'), '.3f')} "
+            f"| {fmt(r.get('straightforward_train_s'), '.3f')} | {fmt(r.get('train_vs_straightforward'), '.2f')} |"
+        )
+    lines += ["", *exponents(rows)]
     return "\n".join(lines)
+
+
+def exponents(rows: list[dict]) -> list[str]:
+    """Fitted exponents of time vs tokens, and the exponent T3's MAC count implies on the same grids.
+
+    Where both partitions coincide (one window covers the grid) T3 computes one branch, half the
+    MACs per token of the grids above it, so over a range that starts there even a kernel that
+    runs every MAC at the same speed shows an exponent above 1. Hence also the fit over the grids
+    where both branches are computed.
+    """
+
+    def fit(name: str, value: str, keep=lambda r: True) -> float:
+        pts = [(r["tokens"], r[value]) for r in rows if value in r and keep(r)]
+        return fit_exponent([p[0] for p in pts], [p[1] for p in pts])
+
+    measured = ", ".join(
+        f"{name} {fit(name, f'{name}_s'):.2f}" for name in ("dense", "t3", "t3_one_call", "straightforward")
+    )
+    both = lambda r: r["branches_computed"] == 2  # noqa: E731
+    span = [r["tokens"] for r in rows if both(r)]
+    lines = [
+        f"fitted exponent of time vs tokens, all grids: {measured}; "
+        f"T3's MAC count alone implies {fit('t3', 't3_macs'):.2f}",
+    ]
+    if len(span) >= 2:
+        lines.append(
+            f"over the grids where T3 computes both branches ({span[0]}-{span[-1]} tokens): "
+            f"T3 {fit('t3', 't3_s', both):.2f}, T3 one call {fit('t3', 't3_one_call_s', both):.2f}, "
+            f"straightforward {fit('s', 'straightforward_s', both):.2f}; MAC count {fit('t3', 't3_macs', both):.2f}"
+        )
+    if any("t3_train_s" in r for r in rows):
+        lines.append(
+            f"training step exponent, all grids: T3 {fit('t3', 't3_train_s'):.2f}, "
+            f"straightforward {fit('s', 'straightforward_train_s'):.2f}"
+        )
+    return lines
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -174,6 +264,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--dense-max-tokens", type=int, default=25_000, help="dense is quadratic: cap it on CPU"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-backward", dest="backward", action="store_false", help="skip the training-step timings"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

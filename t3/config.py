@@ -82,6 +82,8 @@ class ModelConfig:
         random_init: Build the DiT from ``preset`` with random weights (tests and debugging only).
         seed: Seed of ``random_init``.
         attention_backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
+        attention_tokens_per_call: Bound on the gathered slots per T3 attention call, which bounds
+            the transient memory of the grouped q, k, v (useful for 4K inference); None: automatic.
     """
 
     preset: str = MISSING
@@ -92,6 +94,7 @@ class ModelConfig:
     random_init: bool = False
     seed: int = 0
     attention_backend: str = "auto"
+    attention_tokens_per_call: int | None = None
 
 
 @dataclass
@@ -623,6 +626,8 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
         if not cfg.finetune.lora.target_modules:
             raise _fail("finetune.lora.target_modules", [], "must name at least one module (e.g. to_q)")
     _check_choice(cfg, "model.attention_backend", ("auto", "sdpa", "flash"))
+    if OmegaConf.select(cfg, "model.attention_tokens_per_call") is not None:
+        _check_range(cfg, "model.attention_tokens_per_call", low=1)
 
     # Optimisation.
     _check_range(cfg, "optim.lr", low=0, low_open=True)

@@ -637,9 +637,17 @@ def evaluate(
 
     # The three models: the untransformed pretrained DiT, a T3 copy of it, and the fine-tuned DiT with T3.
     dense = load_dit(pretrained, preset=cfg.model.preset)
-    t3_before = t3.transform(copy.deepcopy(dense), schedule, backend=cfg.model.attention_backend)
+    t3_before = t3.transform(
+        copy.deepcopy(dense),
+        schedule,
+        backend=cfg.model.attention_backend,
+        tokens_per_call=cfg.model.get("attention_tokens_per_call"),
+    )
     t3_after = t3.transform(
-        load_dit(finetuned, preset=cfg.model.preset), schedule, backend=cfg.model.attention_backend
+        load_dit(finetuned, preset=cfg.model.preset),
+        schedule,
+        backend=cfg.model.attention_backend,
+        tokens_per_call=cfg.model.get("attention_tokens_per_call"),
     )
     models = {"dense": dense, "t3_before_ft": t3_before, "t3_after_ft": t3_after}
 

@@ -227,6 +227,7 @@ class T2VGenerator:
         spec: The model's `ModelSpec` or preset name; decides the legal sizes and the latent shape.
         schedule: A T3 `Schedule`, a preset name, or None/``"none"`` to leave the DiT as it is.
         backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
+        tokens_per_call: bound on the gathered slots per T3 attention call (memory at 4K); None: automatic.
         scheduler: ``"unipc"`` (Wan's default sampler), ``"euler"``, or a diffusers scheduler instance.
         flow_shift: Timestep shift of the sampler (Wan: 5.0 for 720p, 3.0 for 480p).
         dtype: Compute dtype of the DiT (it is cast if needed, keeping its fp32 modules). The VAE keeps
@@ -249,6 +250,7 @@ class T2VGenerator:
         spec: ModelSpec | str,
         schedule: Schedule | str | None = "dense",
         backend: str = "auto",
+        tokens_per_call: int | None = None,
         scheduler: str | SchedulerMixin = "unipc",
         flow_shift: float = 5.0,
         dtype: torch.dtype = torch.float32,
@@ -281,7 +283,7 @@ class T2VGenerator:
         if isinstance(schedule, str) and schedule.lower() == "none":
             schedule = None
         if schedule is not None:
-            t3.transform(self.dit, schedule, backend=backend)
+            t3.transform(self.dit, schedule, backend=backend, tokens_per_call=tokens_per_call)
         self.schedule = schedule_of(self.dit)
 
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
@@ -551,6 +553,7 @@ def make_wan_pipeline(
     *,
     schedule: Schedule | str | None = None,
     backend: str = "auto",
+    tokens_per_call: int | None = None,
     flow_shift: float = 5.0,
     expand_timesteps: bool = False,
 ):
@@ -567,6 +570,7 @@ def make_wan_pipeline(
         scheduler: ``"unipc"``, ``"euler"`` or a diffusers scheduler instance.
         schedule: If given, ``t3.transform(dit, schedule, backend)`` is applied first.
         backend: T3 attention backend when ``schedule`` is given.
+        tokens_per_call: bound on the gathered slots per T3 attention call when ``schedule`` is given.
         flow_shift: Timestep shift for a scheduler built from a name.
         expand_timesteps: The pipeline's per-token timestep mode (True in the Wan2.2-TI2V-5B release).
 
@@ -576,7 +580,7 @@ def make_wan_pipeline(
     from diffusers import WanPipeline
 
     if schedule is not None:
-        t3.transform(dit, schedule, backend=backend)
+        t3.transform(dit, schedule, backend=backend, tokens_per_call=tokens_per_call)
     elif schedule_of(dit) is None:
         logger.info(
             "make_wan_pipeline: the DiT is not transformed; the pipeline runs dense diffusers attention"

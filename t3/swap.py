@@ -51,11 +51,19 @@ class T3AttnProcessor:
     0.42); only the dense attention call is replaced. Holds no parameters.
     """
 
-    def __init__(self, layer: int, schedule: Schedule, state: GridState, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        layer: int,
+        schedule: Schedule,
+        state: GridState,
+        backend: str = "auto",
+        tokens_per_call: int | None = None,
+    ) -> None:
         self.layer = layer
         self.schedule = schedule
         self.state = state
         self.backend = backend
+        self.tokens_per_call = tokens_per_call
 
     def __call__(
         self,
@@ -94,6 +102,7 @@ class T3AttnProcessor:
             layer_plan.branches,
             self.backend,
             share_identical=self.schedule.share_identical_branches,
+            tokens_per_call=self.tokens_per_call,
             layer=self.layer,
         )
         hidden_states = hidden_states.flatten(2, 3).type_as(query)  # [B, L, N*D]
@@ -130,17 +139,24 @@ def token_grid(model: nn.Module, latent_shape: torch.Size | tuple[int, ...]) -> 
     return (f // p_t, h // p_h, w // p_w)
 
 
-def transform(model: nn.Module, schedule: Schedule | str, backend: str = "auto") -> nn.Module:
+def transform(
+    model: nn.Module, schedule: Schedule | str, backend: str = "auto", tokens_per_call: int | None = None
+) -> nn.Module:
     """Swap every self-attention of ``model`` for T3 attention with ``schedule`` (in place).
 
     Args:
         model: a diffusers ``WanTransformer3DModel``.
         schedule: a `Schedule` or the name of a preset (``dense``, ``wan21_4k``, ...).
         backend: attention backend for the op (``auto``, ``sdpa``, ``flash``).
+        tokens_per_call: bound on the gathered slots per attention call (bounds the transient memory
+            of the grouped q, k, v at 4K); None: automatic (see `t3.attention.t3_attention`).
 
     Returns:
         The same model, now running T3 attention at any input resolution.
     """
+    from t3.attention.backends import resolve_tokens_per_call
+
+    resolve_tokens_per_call(tokens_per_call, torch.device("cpu"))  # a bad value fails here, not mid-forward
     if isinstance(schedule, str):
         schedule = get_schedule(schedule)
     layers = _self_attention_layers(model)
@@ -150,7 +166,7 @@ def transform(model: nn.Module, schedule: Schedule | str, backend: str = "auto")
     original = {}
     for i, attn in enumerate(layers):
         original[i] = attn.processor
-        attn.set_processor(T3AttnProcessor(i, schedule, state, backend))
+        attn.set_processor(T3AttnProcessor(i, schedule, state, backend, tokens_per_call))
 
     num_layers = len(layers)
 

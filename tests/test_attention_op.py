@@ -52,6 +52,49 @@ def test_forward_matches_dense_masked_reference_float32(grid, plan, branches, ba
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+# Calls of one group each, runs that straddle the two branches, one call for everything.
+TOKENS_PER_CALL = [1, 40, 10**6]
+
+
+@pytest.mark.parametrize(("grid", "plan"), CASES)
+@pytest.mark.parametrize("tokens_per_call", TOKENS_PER_CALL)
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_runs_of_groups_match_reference_in_both_layouts(grid, plan, tokens_per_call, heads_first):
+    L = grid[0] * grid[1] * grid[2]
+    q, k, v = qkv(3, L, 2, 8, dtype=torch.float64, requires_grad=True)
+    index = group_index(grid, plan, ("local", "dilated"))
+    out = backends.sdpa_grouped(q, k, v, index, tokens_per_call=tokens_per_call, heads_first=heads_first)
+    ref = t3_attention_reference(q, k, v, grid, plan)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for g, r in zip(grads, torch.autograd.grad(ref, (q, k, v), grad_out), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8)
+
+
+def test_tokens_per_call_splits_calls_and_rejects_bad_values(monkeypatch):
+    grid, plan = (4, 6, 8), WindowPlan(2, 3, 2)  # 2 branches x 12 groups of 16 slots
+    q, k, v = qkv(2, 192, 2, 8)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(query, *args, **kwargs):
+        calls.append(query.shape[0])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(backends.F, "scaled_dot_product_attention", counting)
+    for tokens, expected in [(16, [1] * 48), (40, [2] * 24), (200, [12, 12] * 2), (10**6, [24, 24])]:
+        calls.clear()
+        t3_attention(q, k, v, grid, plan, tokens_per_call=tokens)
+        assert calls == expected, tokens  # CPU: one sample per call, runs of whole groups
+    calls.clear()
+    backends.sdpa_grouped(q, k, v, group_index(grid, plan, ("local", "dilated")), heads_first=False)
+    assert calls == [48]  # the GPU layout, unbounded: both samples, both branches, one call
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="tokens_per_call must be a positive integer or None"):
+            t3_attention(q, k, v, grid, plan, tokens_per_call=bad)
+
+
 @pytest.mark.parametrize(("grid", "plan"), CASES[:3])
 @pytest.mark.parametrize("branches", BRANCH_SETS)
 def test_forward_bfloat16_within_twice_pytorch_error(grid, plan, branches):
@@ -116,12 +159,15 @@ def test_index_maps_are_cached_and_cover_every_token_once_per_branch():
     assert a is group_index((5, 7, 9), WindowPlan(2, 3, 4), ("dilated", "local"))
     L = 5 * 7 * 9
     assert a.gather.numel() == 2 * a.num_groups * a.group_size
+    per_branch = a.num_groups * a.group_size
     for b in range(2):
-        positions = a.scatter[b]
-        assert positions.unique().numel() == L
-        assert torch.equal(a.gather[positions], torch.arange(L))
-        assert torch.equal(a.packed_gather[a.packed_scatter[b]], torch.arange(L))
+        real = a.gather[b * per_branch : (b + 1) * per_branch][
+            a.slot_valid[b * a.num_groups : (b + 1) * a.num_groups].flatten()
+        ]
+        assert torch.equal(real.sort().values, torch.arange(L))  # every token exactly once
+        assert torch.equal(a.packed_gather[b * L : (b + 1) * L], real)
     assert a.packed_cu_seqlens[-1] == 2 * L
+    assert a.packed_offsets == tuple(a.packed_cu_seqlens.tolist())
 
 
 def test_no_nan_with_fully_padded_windows():
@@ -157,14 +203,15 @@ def _reference_flash_varlen(
 
 @pytest.mark.parametrize(("grid", "plan"), CASES[:4])
 @pytest.mark.parametrize("branches", BRANCH_SETS)
-def test_flash_backend_packing_with_reference_kernel(monkeypatch, grid, plan, branches):
+@pytest.mark.parametrize("tokens_per_call", [None, *TOKENS_PER_CALL[:2]])
+def test_flash_backend_packing_with_reference_kernel(monkeypatch, grid, plan, branches, tokens_per_call):
     """The flash path's grouping and varlen packing, with a pure-PyTorch kernel in place of flash-attn."""
     monkeypatch.setattr(
         backends, "_flash_functions", lambda: (_reference_flash_func, _reference_flash_varlen)
     )
     L = grid[0] * grid[1] * grid[2]
     q, k, v = qkv(2, L, 2, 8)
-    out = backends.flash_grouped(q, k, v, group_index(grid, plan, branches))
+    out = backends.flash_grouped(q, k, v, group_index(grid, plan, branches), tokens_per_call=tokens_per_call)
     torch.testing.assert_close(
         out, t3_attention(q, k, v, grid, plan, branches, backend="sdpa"), atol=1e-5, rtol=1e-5
     )

@@ -115,6 +115,11 @@ BAD = [
     (["experiment=t3_4k", "data.train.urls_or_dir=/data"], "model.init_from=", "stage-1"),
     (["+data.train.num_sample=3"], "data.train.num_sample", "unknown argument"),
     (["validation.sigmas=[0.5,1.5]"], "validation.sigmas", "[0, 1]"),
+    (
+        ["model.attention_tokens_per_call=0"],
+        "model.attention_tokens_per_call=0",
+        "1 <= attention_tokens_per_call",
+    ),
 ]
 
 

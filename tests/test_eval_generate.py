@@ -191,6 +191,10 @@ def test_bad_config_values_fail_before_any_model_is_loaded(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.vae_path='/nonexistent': no such file"):
         run(compose_eval(*base, f"model.dit_path={tmp_path}", "model.vae_path=/nonexistent",
                          f"model.text_encoder_path={tmp_path}"))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"model.attention_tokens_per_call must be a positive integer or null, got 0"
+    ):
+        run(compose_eval(*base, "model.attention_tokens_per_call=0"))
     with pytest.raises(ValueError, match=r"generation.colour: unknown key"):
         run(compose_eval(*base, "+generation.colour=1"))
     with pytest.raises(FileNotFoundError, match=r"benchmark.prompts='missing.json': no such file"):

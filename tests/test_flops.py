@@ -262,3 +262,31 @@ def test_efficiency_table_json(tmp_path, capsys, monkeypatch):
     assert row["attn_macs_dense"] / row["attn_macs_t3_shared"] == pytest.approx(95200 / 1307)
     assert (tmp_path / "efficiency_table.md").read_text().count("| Wan2.") == 10
     assert len((tmp_path / "efficiency_table.csv").read_text().splitlines()) == 11
+
+
+def test_attention_benchmark_runs_small_and_reports_consistent_ratios(tmp_path, monkeypatch):
+    """The attention benchmark end to end on small sizes: tables, CSV and plot, ratios from its own columns."""
+    import csv
+
+    path = REPO_ROOT / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    argv = ["--device", "cpu", "--max-tokens", "6000", "--heads", "1", "--head-dim", "8", "--repeats", "1"]
+    rows = module.main([*argv, "--out", str(tmp_path)])
+    assert [r["tokens"] for r in rows] == [1344, 2688, 5376]
+    assert [r["branches_computed"] for r in rows] == [1, 2, 2]  # one window covers 21x8x8: shared
+    for r in rows:
+        assert r["efficiency"] == pytest.approx(r["dense_s"] / r["t3_s"] / r["flop_ratio"])
+        assert r["vs_straightforward"] == pytest.approx(r["straightforward_s"] / r["t3_s"])
+        assert r["t3_saved_mib"] < r["straightforward_saved_mib"]
+        assert r["t3_train_s"] > 0 and r["straightforward_train_s"] > 0
+    assert [r["flop_ratio"] for r in rows] == pytest.approx([1.0, 1.0, 2.0])
+    text = (tmp_path / "attention_cpu.md").read_text()
+    assert "measured on CPU" in text and "T3's MAC count alone implies 1.50" in text
+    assert "over the grids where T3 computes both branches (2688-5376 tokens)" in text
+    with open(tmp_path / "attention_cpu.csv", newline="") as f:
+        assert [int(r["tokens"]) for r in csv.DictReader(f)] == [1344, 2688, 5376]
+    assert (tmp_path / "attention_cpu.png").stat().st_size > 0
+    assert module.fit_exponent([1, 2, 4], [3.0, 12.0, 48.0]) == pytest.approx(2.0)

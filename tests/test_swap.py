@@ -121,3 +121,24 @@ def test_gradient_checkpointing_gives_same_output_and_gradients(model):
 def test_transform_rejects_other_models():
     with pytest.raises(TypeError, match="expects a diffusers WanTransformer3DModel"):
         t3.transform(torch.nn.Linear(2, 2), "dense")
+
+
+@torch.no_grad()
+def test_tokens_per_call_reaches_every_layer_and_keeps_the_output(model, monkeypatch):
+    x, t, text = inputs()
+    t3.transform(model, MIXED)
+    out = model(x, t, text).sample
+    t3.transform(model, MIXED, tokens_per_call=5)  # runs of single groups where groups exceed 5 slots
+    assert {attn.processor.tokens_per_call for attn in (b.attn1 for b in model.blocks)} == {5}
+    seen = []
+    real = t3.swap.t3_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["tokens_per_call"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(t3.swap, "t3_attention", spy)
+    torch.testing.assert_close(model(x, t, text).sample, out, atol=1e-5, rtol=1e-5)
+    assert seen == [5] * len(model.blocks)
+    with pytest.raises(ValueError, match="tokens_per_call must be a positive integer or None, got 0"):
+        t3.transform(model, MIXED, tokens_per_call=0)

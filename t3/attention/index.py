@@ -3,11 +3,12 @@
 For a grid, a plan and the branches to compute, `group_index` returns integer maps such that
 
     x_gathered = x[:, gather]                  # [B, nb*G*S, N, D], groups of S slots, branch-major
-    out        = mean_b out_gathered[:, scatter[b]]
+    out[:, gather] += out_gathered / nb        # real slots only: each token once per branch
 
 where ``nb`` is the number of branches, ``G`` the groups per partition and ``S`` the slots per group.
-Both partitions have the same ``G`` and ``S``, so all groups of both branches go through one
-attention call, stacked along the batch axis. Padded slots (non-divisible axes) point at a real token
+Both partitions have the same ``G`` and ``S``, so groups of both branches can go through one
+attention call, stacked along the batch axis, and any run of consecutive groups can be gathered on
+its own (the kernels attend in bounded runs of groups on CPU). Padded slots (non-divisible axes) point at a real token
 of their group and are masked as keys; a group made only of padding is left unmasked so its softmax
 stays finite (its outputs are never read back).
 
@@ -37,11 +38,12 @@ class GroupIndex:
         num_tokens: ``L = T * H * W``.
         gather: ``[nb * G * S]`` token index of every slot, or None when it is the identity
             (one branch, no padding, groups already contiguous in memory: zero-copy views).
-        key_valid: ``[nb * G, S]`` True where a slot holds a real token, or None without padding.
-        scatter: ``[nb, L]`` position of each real token in the gathered sequence, per branch.
+        key_valid: ``[nb * G, S]`` True where a slot may be attended to as a key (real tokens, and
+            every slot of a group made only of padding), or None without padding.
+        slot_valid: ``[nb * G, S]`` True where a slot holds a real token, or None without padding.
         packed_gather: ``[nb * L]`` real tokens only, in group order (for variable-length kernels).
         packed_cu_seqlens: ``[num_nonempty_groups + 1]`` int32 cumulative group lengths in ``packed_gather``.
-        packed_scatter: ``[nb, L]`` position of each real token in ``packed_gather``, per branch.
+        packed_offsets: ``packed_cu_seqlens`` as Python ints (chunk boundaries without a device sync).
     """
 
     grid: Grid
@@ -53,10 +55,10 @@ class GroupIndex:
     num_tokens: int
     gather: torch.Tensor | None
     key_valid: torch.Tensor | None
-    scatter: torch.Tensor
+    slot_valid: torch.Tensor | None
     packed_gather: torch.Tensor
     packed_cu_seqlens: torch.Tensor
-    packed_scatter: torch.Tensor
+    packed_offsets: tuple[int, ...]
 
     @property
     def is_identity(self) -> bool:
@@ -106,24 +108,16 @@ def _group_index_cpu(grid: Grid, plan: WindowPlan, branches: tuple[Branch, ...])
     # masked as keys and never read back as queries. A group with no real token is left unmasked.
     has_padding = not bool(valid.all())
     gather = torch.where(valid, flat, torch.zeros_like(flat)).flatten()
-    key_valid = None
+    key_valid = slot_valid = None
     if has_padding:
         key_valid = valid | ~valid.any(dim=1, keepdim=True)
-
-    slot_pos = torch.arange(nb * G * S).view(nb, G * S)
-    scatter = torch.empty(nb, L, dtype=torch.long)
-    for b in range(nb):
-        real = valid[b * G : (b + 1) * G].flatten()
-        scatter[b, flat[b * G : (b + 1) * G].flatten()[real]] = slot_pos[b][real]
+        slot_valid = valid
 
     packed_gather = flat.flatten()[valid.flatten()]
     lengths = valid.sum(dim=1)
     lengths = lengths[lengths > 0]
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    packed_scatter = torch.empty(nb, L, dtype=torch.long)
-    for b in range(nb):
-        packed_scatter[b, packed_gather[b * L : (b + 1) * L]] = torch.arange(b * L, (b + 1) * L)
 
     identity = nb == 1 and not has_padding and torch.equal(gather, torch.arange(L))
     return GroupIndex(
@@ -136,10 +130,10 @@ def _group_index_cpu(grid: Grid, plan: WindowPlan, branches: tuple[Branch, ...])
         num_tokens=L,
         gather=None if identity else gather,
         key_valid=key_valid,
-        scatter=scatter,
+        slot_valid=slot_valid,
         packed_gather=packed_gather,
         packed_cu_seqlens=cu,
-        packed_scatter=packed_scatter,
+        packed_offsets=tuple(cu.tolist()),
     )
 
 

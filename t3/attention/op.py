@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from t3.attention.backends import KERNELS, choose_backend
+from t3.attention.backends import KERNELS, choose_backend, resolve_tokens_per_call
 from t3.attention.index import group_index
 from t3.attention.plan import BRANCHES, Grid, WindowPlan, check_grid, effective_branches
 
@@ -25,6 +25,7 @@ def t3_attention(
     share_identical: bool = True,
     scale: float | None = None,
     regroup_in_backward: bool = True,
+    tokens_per_call: int | None = None,
     layer: int | None = None,
 ) -> torch.Tensor:
     """Attention inside the local and/or dilated groups of ``plan``, averaged over branches.
@@ -39,6 +40,9 @@ def t3_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         regroup_in_backward: keep q, k, v for backward instead of their grouped copies (rebuilt when
             needed), unless an outer saved-tensor policy such as activation checkpointing is active.
+        tokens_per_call: at most this many gathered slots per attention call (at least one group);
+            bounds the transient memory of the grouped copies. None: runs of about 4096 slots on CPU
+            (faster there, see ``backends.CPU_TOKENS_PER_CALL``), one call for all groups on GPU.
         layer: layer index, only used to name the layer in error messages.
 
     Returns:
@@ -56,5 +60,6 @@ def t3_attention(
     plan.check(grid, layer=layer)
     computed = effective_branches(plan, grid, branches, share_identical)
     kernel = KERNELS[choose_backend(backend, q)]
+    resolve_tokens_per_call(tokens_per_call, q.device)  # a bad value fails before any work
     index = group_index(grid, plan, computed, q.device)
-    return kernel(q, k, v, index, scale, regroup_in_backward)
+    return kernel(q, k, v, index, scale, regroup_in_backward, tokens_per_call)

@@ -102,6 +102,8 @@ class GenerationSettings:
         dtype: DiT compute dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``bfloat16``, ``float32``...
         device: ``auto`` (CUDA if available), ``cuda``, ``cpu``...
         backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
+        tokens_per_call: bound on the gathered slots per T3 attention call (from
+            ``model.attention_tokens_per_call``); None: automatic.
         vae_tiling: Decode in spatial tiles (needed at 4K).
     """
 
@@ -118,10 +120,19 @@ class GenerationSettings:
     dtype: str = "auto"
     device: str = "auto"
     backend: str = "auto"
+    tokens_per_call: int | None = None
     vae_tiling: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if self.tokens_per_call is not None and (
+            isinstance(self.tokens_per_call, bool)
+            or not isinstance(self.tokens_per_call, int)
+            or self.tokens_per_call < 1
+        ):
+            raise ValueError(
+                f"model.attention_tokens_per_call must be a positive integer or null, got {self.tokens_per_call!r}"
+            )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(
                 f"generation.seeds must be a non-empty list of distinct ints, got {list(self.seeds)}"
@@ -475,6 +486,7 @@ def _load_generator(settings: GenerationSettings, model: ModelPaths, schedule: S
         spec=model.preset,
         schedule=schedule,
         backend=settings.backend,
+        tokens_per_call=settings.tokens_per_call,
         scheduler=settings.sampler,
         flow_shift=settings.flow_shift,
         dtype=dtype,

@@ -85,6 +85,7 @@ def _generation(cfg: DictConfig) -> GenerationSettings:
             "generation.backend: unknown key; the T3 attention backend is model.attention_backend"
         )
     values["backend"] = OmegaConf.select(cfg, "model.attention_backend", default="auto")
+    values["tokens_per_call"] = OmegaConf.select(cfg, "model.attention_tokens_per_call", default=None)
     if "seeds" in values:
         values["seeds"] = tuple(values["seeds"])
     return _settings(GenerationSettings, values, "generation")

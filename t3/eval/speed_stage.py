@@ -125,6 +125,7 @@ def attention_seconds(
     device: torch.device,
     dtype: torch.dtype,
     backend: str = "auto",
+    tokens_per_call: int | None = None,
     warmup: int = 1,
     repeats: int = 3,
 ) -> float:
@@ -140,7 +141,15 @@ def attention_seconds(
     for (plan, branches), count in plans.items():
         timing = time_call(
             lambda plan=plan, branches=branches: t3_attention(
-                q, k, v, grid, plan, branches, backend, share_identical=schedule.share_identical_branches
+                q,
+                k,
+                v,
+                grid,
+                plan,
+                branches,
+                backend,
+                share_identical=schedule.share_identical_branches,
+                tokens_per_call=tokens_per_call,
             ),
             device,
             warmup=warmup,
@@ -240,7 +249,7 @@ def measure_speed(
         cache = PromptEmbeddingCache(text_encoder, max_length=spec.text_len, identity="speed")
         gen = T2VGenerator(
             dit, vae, text_encoder, spec=spec, schedule=schedule, backend=generation.backend,
-            scheduler=generation.sampler, flow_shift=generation.flow_shift, dtype=dtype, device=device,
+            tokens_per_call=generation.tokens_per_call, scheduler=generation.sampler, flow_shift=generation.flow_shift, dtype=dtype, device=device,
             embedding_cache=cache, vae_tiling=generation.vae_tiling,
         )  # fmt: skip
         x = torch.randn(latent_shape, dtype=dtype, device=device)
@@ -255,7 +264,8 @@ def measure_speed(
         if speed.attention:
             attn = attention_seconds(
                 schedule, grid, num_layers, heads, head_dim, device=device, dtype=dtype,
-                backend=generation.backend, warmup=speed.warmup, repeats=speed.repeats,
+                backend=generation.backend, tokens_per_call=generation.tokens_per_call,
+                warmup=speed.warmup, repeats=speed.repeats,
             )  # fmt: skip
             row["attention_s"] = attn
             row["attention_share"] = attn / timing.median_s

@@ -154,7 +154,12 @@ class T3FinetuneModule(L.LightningModule):
         if self.dit is not None:  # Lightning may call this more than once
             return
         dit = build_dit(self.model_cfg)
-        t3.transform(dit, self.schedule, backend=self.model_cfg.attention_backend)
+        t3.transform(
+            dit,
+            self.schedule,
+            backend=self.model_cfg.attention_backend,
+            tokens_per_call=self.model_cfg.attention_tokens_per_call,
+        )
         ft = self.finetune
         self.trainable_summary = select_trainable(
             dit,
