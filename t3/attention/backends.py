@@ -78,9 +78,9 @@ def choose_backend(backend: str, q: torch.Tensor) -> str:
 
 
 # Without autograd recording, the CPU kernels attend in runs of consecutive groups of at most this
-# many slots per call (at least one group). Measured on a 2-core AMD EPYC, float32, 12 x 128 heads,
-# 32 windows of 1344 tokens (21.5k tokens, both branches): runs of 1-4 windows 2.14-2.18 s, one call
-# over all windows 2.46 s. A run's gathered q, k, v stay in cache and reuse the allocator's blocks
+# many slots per call (at least one group). benchmarks/attention.py on a 2-core AMD EPYC (float32,
+# 12 x 128 heads, windows of 1344 tokens): 2.19 s with runs vs 2.56 s with one call at 21.5k tokens,
+# 6.90 s vs 9.57 s at 64.5k. A run's gathered q, k, v stay in cache and reuse the allocator's blocks
 # instead of fresh page-faulted mappings, and the forward peak is one output plus one run instead
 # of 2 * nb copies of q, k, v and out.
 CPU_TOKENS_PER_CALL = 4096
