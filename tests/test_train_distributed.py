@@ -9,6 +9,7 @@ the exported weights must agree up to float reduction order.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -106,14 +107,17 @@ def test_two_processes_match_one(strategy, reference, tmp_path):
     assert max(float((moved[k] - init[k]).abs().max()) for k in init) > 1e-3
 
 
-def test_deepspeed_resume_matches_uninterrupted(reference, tmp_path):
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "fsdp2"])
+def test_sharded_resume_matches_uninterrupted(strategy, reference, tmp_path):
     ref_dir, cache = reference
-    run_dir = tmp_path / "zero2_resumed"
-    torchrun(run_dir, cache, "strategy=deepspeed_zero2", "trainer.max_steps=2", "export.formats=[]")
+    run_dir = tmp_path / "resumed"
+    torchrun(run_dir, cache, f"strategy={strategy}", "trainer.max_steps=2", "export.formats=[]")
     assert (run_dir / "checkpoints" / "last.ckpt").is_symlink()
-    torchrun(run_dir, cache, "strategy=deepspeed_zero2")  # continues from step 2 to 4
-    straight = tmp_path / "zero2"
-    torchrun(straight, cache, "strategy=deepspeed_zero2")
+    torchrun(run_dir, cache, f"strategy={strategy}")  # continues from step 2 to 4
+    with open(run_dir / "csv" / "version_1" / "metrics.csv") as f:  # the second start resumed, not restarted
+        assert {int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]} == {2, 3}
+    straight = tmp_path / "straight"
+    torchrun(straight, cache, f"strategy={strategy}")
     a, b = read_metrics(straight), read_metrics(run_dir)
     assert a["train/loss"] == b["train/loss"] and sorted(a["train/loss"]) == [0, 1, 2, 3]
     assert torch.equal(
