@@ -7,7 +7,7 @@ Three ways start a training run, and in each exactly one party creates the proce
 - ``srun python train.py ...`` in an sbatch script (``slurm/train.sbatch``): SLURM starts one task per
   GPU and Lightning's ``SLURMEnvironment`` reads the ranks from ``SLURM_PROCID``/``SLURM_LOCALID``; on
   ``SIGUSR1`` it saves ``hpc_ckpt_<n>.ckpt`` into the run folder and requeues the job.
-- ``python train.py -m ... hydra/launcher=slurm`` (or ``submitit_local``): submitit starts
+- ``python train.py -m ... hydra/launcher=slurm`` (or ``local``): submitit starts
   ``tasks_per_node`` tasks per node and runs the Hydra job in each; the launcher's own requeue (SIGUSR2,
   ``max_num_timeout``) reruns the job, which resumes from ``checkpoints/last.ckpt``.
 
@@ -198,7 +198,7 @@ def cluster_plugins(num_processes: int) -> list[Any]:
         LaunchError: Inside submitit, when the tasks it started are not ``num_processes`` (call
             `prepare_distributed_environment` first). Or a Hydra multirun job (basic launcher) that would
             need Lightning to start more processes: Lightning restarts the script with the sweep's arguments, so every rank would run the
-            whole sweep. Multi-device sweeps go through ``hydra/launcher=submitit_local`` or ``slurm``.
+            whole sweep. Multi-device sweeps go through ``hydra/launcher=local`` or ``slurm``.
     """
     from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
@@ -221,7 +221,7 @@ def cluster_plugins(num_processes: int) -> list[Any]:
     if num_processes > 1 and not externally_started and _hydra_multirun():
         raise LaunchError(
             f"this sweep job needs {num_processes} processes, but with Hydra's basic launcher Lightning would "
-            "start them by rerunning the whole sweep; use hydra/launcher=submitit_local (one task per device: "
+            "start them by rerunning the whole sweep; use hydra/launcher=local (one task per device: "
             "hydra.launcher.tasks_per_node=<devices>) or hydra/launcher=slurm"
         )
     return []

@@ -166,7 +166,7 @@ def test_plain_runs_leave_the_choice_to_lightning_except_in_a_multirun(clean_env
     HydraConfig.instance().set_config(cfg)
     try:
         assert cluster_plugins(num_processes=1) == []
-        with pytest.raises(LaunchError, match="hydra/launcher=submitit_local"):
+        with pytest.raises(LaunchError, match="hydra/launcher=local"):
             cluster_plugins(num_processes=2)
     finally:
         HydraConfig.instance().cfg = None
@@ -246,7 +246,7 @@ def test_slurm_launcher_leaves_unset_cluster_settings_to_the_cluster(tmp_path, m
 def test_launcher_configs_read_only_documented_variables():
     """Every variable the launcher configs read is in slurm/env.example; no cluster value is committed."""
     env_example = (SLURM_DIR / "env.example").read_text()
-    for name in ("slurm", "submitit_local"):
+    for name in ("slurm", "local"):
         text = (REPO_ROOT / "conf" / "hydra" / "launcher" / f"{name}.yaml").read_text()
         for var in re.findall(r"oc\.env:(\w+)", text):
             assert f"export {var}=" in env_example, f"{var} of {name}.yaml is not in slurm/env.example"

@@ -252,13 +252,13 @@ def test_tiny_sweep_trains_every_job_and_reports_them(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_a_job_in_its_own_process(tmp_path):
+def test_local_launcher_runs_a_job_in_its_own_process(tmp_path):
     from t3.summary import read_run_summary
 
     run_train(
         tmp_path,
         "experiment=ablation_demo",
-        "hydra/launcher=submitit_local",
+        "hydra/launcher=local",
         "t3=dense",
         "finetune.trainable=attention",
         "trainer.max_steps=1",
