@@ -77,6 +77,10 @@ def test_train_tiny_cpu_logs_checkpoints_and_exports(tmp_path, cache_dir):
         assert key in metrics and math.isfinite(metrics[key]), key
     logged = read_metrics(run_dir)
     assert sorted(logged["train/loss"]) == [0, 1, 2]
+    # The run's speed is the median of steps 1 and 2 (step 0 includes start-up), not the last step's.
+    per_step = logged["perf/step_time_s"]
+    assert metrics["perf/steps_timed"] == 2
+    assert metrics["perf/step_time_s"] == pytest.approx((per_step[1] + per_step[2]) / 2, rel=1e-6)
     assert logged["train/num_skipped_nonfinite"] == {0: 0.0, 1: 0.0, 2: 0.0}
     # last.ckpt links the newest step checkpoint, including the final step off the save interval.
     last = run_dir / "checkpoints" / "last.ckpt"

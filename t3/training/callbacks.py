@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,9 @@ class StepCheckpoint(ModelCheckpoint):
 class StepTimer(Callback):
     """Wall time per optimizer step and the throughput it implies.
 
+    Logs every step's figures; `summary` gives the run's typical step (the median, without the first
+    step of this process, which includes start-up) for run summaries and sweep reports.
+
     Args:
         global_batch_size: Samples per optimizer step (all ranks).
         tokens_per_sample: Video tokens per sample (post-patch grid size).
@@ -66,6 +70,7 @@ class StepTimer(Callback):
         self.tokens_per_sample = tokens_per_sample
         self._last_step: int | None = None
         self._last_time: float | None = None
+        self.step_seconds: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step, self._last_time = trainer.global_step, time.perf_counter()
@@ -79,14 +84,29 @@ class StepTimer(Callback):
         assert self._last_time is not None and self._last_step is not None
         seconds = (now - self._last_time) / max(trainer.global_step - self._last_step, 1)
         self._last_step, self._last_time = trainer.global_step, now
-        metrics = {
+        self.step_seconds.append(seconds)
+        metrics = self._figures(seconds)
+        if torch.cuda.is_available():
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _figures(self, seconds: float) -> dict[str, float]:
+        return {
             "perf/step_time_s": seconds,
             "perf/samples_per_s": self.global_batch_size / seconds,
             "perf/tokens_per_s": self.global_batch_size * self.tokens_per_sample / seconds,
         }
+
+    def summary(self) -> dict[str, float]:
+        """Median step time (first step of this process left out when there are others) and its throughput."""
+        if not self.step_seconds:
+            return {}
+        timed = self.step_seconds[1:] or self.step_seconds
+        figures = self._figures(statistics.median(timed))
+        figures["perf/steps_timed"] = float(len(timed))
         if torch.cuda.is_available():
-            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            figures["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return figures
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation time is not training step time.

@@ -338,6 +338,12 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
     if cfg.export.formats:
         exported = _export(cfg, trainer, module, run_dir, gather_state_dict, export_dit)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    # Speed of the run: the median step, not whichever step happened to be logged last.
+    from t3.training.callbacks import StepTimer
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, StepTimer):
+            metrics.update(callback.summary())
     objects = {
         "cfg": cfg,
         "facts": facts,
