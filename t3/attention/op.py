@@ -41,8 +41,9 @@ def t3_attention(
         regroup_in_backward: keep q, k, v for backward instead of their grouped copies (rebuilt when
             needed), unless an outer saved-tensor policy such as activation checkpointing is active.
         tokens_per_call: at most this many gathered slots per attention call (at least one group);
-            bounds the transient memory of the grouped copies. None: runs of about 4096 slots on CPU
-            (faster there, see ``backends.CPU_TOKENS_PER_CALL``), one call for all groups on GPU.
+            bounds the transient memory of the grouped copies. None: one call for all groups on GPU
+            and whenever autograd records; otherwise, on CPU, runs of about 4096 slots (faster there,
+            see ``backends.CPU_TOKENS_PER_CALL``).
         layer: layer index, only used to name the layer in error messages.
 
     Returns:
