@@ -291,8 +291,6 @@ def flash_grouped(
     flash_attn_func, flash_attn_varlen_func = functions
     B, L, N, D = q.shape
     S = index.group_size
-    budget = resolve_tokens_per_call(tokens_per_call, q.device, _records_autograd(q, k, v))
-
     if index.gather is None:
         # Groups are consecutive runs of tokens: zero-copy views, and the output is in token order.
         out = flash_attn_func(
@@ -300,6 +298,7 @@ def flash_grouped(
         )
         return out.reshape(B, L, N, D)
 
+    budget = resolve_tokens_per_call(tokens_per_call, q.device, _records_autograd(q, k, v))
     if index.key_valid is None:
         # flash-attn's layout is ours, [batch, seqlen, heads, head_dim]: gather whole groups, no transpose.
         groups = index.num_branches * index.num_groups

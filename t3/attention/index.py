@@ -35,7 +35,6 @@ class GroupIndex:
         num_branches: ``nb``, branches stacked in the gathered sequence.
         num_groups: ``G``, groups per branch.
         group_size: ``S``, slots per group (padding included).
-        num_tokens: ``L = T * H * W``.
         gather: ``[nb * G * S]`` token index of every slot, or None when it is the identity
             (one branch, no padding, groups already contiguous in memory: zero-copy views).
         key_valid: ``[nb * G, S]`` True where a slot may be attended to as a key (real tokens, and
@@ -52,7 +51,6 @@ class GroupIndex:
     num_branches: int
     num_groups: int
     group_size: int
-    num_tokens: int
     gather: torch.Tensor | None
     key_valid: torch.Tensor | None
     slot_valid: torch.Tensor | None
@@ -127,7 +125,6 @@ def _group_index_cpu(grid: Grid, plan: WindowPlan, branches: tuple[Branch, ...])
         num_branches=nb,
         num_groups=G,
         group_size=S,
-        num_tokens=L,
         gather=None if identity else gather,
         key_valid=key_valid,
         slot_valid=slot_valid,
