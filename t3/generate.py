@@ -228,7 +228,8 @@ class T2VGenerator:
         schedule: A T3 `Schedule`, a preset name, or None/``"none"`` to leave the DiT as it is.
         backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
         tokens_per_call: bound on the gathered slots per T3 attention call (memory at 4K); None: automatic.
-        scheduler: ``"unipc"`` (Wan's default sampler), ``"euler"``, or a diffusers scheduler instance.
+        scheduler: ``"unipc"`` (Wan's default sampler), ``"diffsynth_euler"`` (the T3 authors'), ``"euler"``, or a
+            diffusers scheduler instance (`t3.diffusion.build_scheduler`).
         flow_shift: Timestep shift of the sampler (Wan: 5.0 for 720p, 3.0 for 480p).
         dtype: Compute dtype of the DiT (it is cast if needed, keeping its fp32 modules). The VAE keeps
             its own dtype (Wan runs it in float32).
@@ -567,7 +568,7 @@ def make_wan_pipeline(
         vae: The ``AutoencoderKLWan``.
         text_encoder_path_or_objects: A folder for `t3.models.load_text_encoder`, a `TextEncoder`, or a
             ``(tokenizer, UMT5EncoderModel)`` pair.
-        scheduler: ``"unipc"``, ``"euler"`` or a diffusers scheduler instance.
+        scheduler: ``"unipc"``, ``"diffsynth_euler"``, ``"euler"`` or a diffusers scheduler instance.
         schedule: If given, ``t3.transform(dit, schedule, backend)`` is applied first.
         backend: T3 attention backend when ``schedule`` is given.
         tokens_per_call: bound on the gathered slots per T3 attention call when ``schedule`` is given.

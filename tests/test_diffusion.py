@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from t3.diffusion import (
+    DiffSynthFlowMatchEuler,
     LogitNormalSampler,
     ShiftedSampler,
     UniformSampler,
@@ -230,7 +231,7 @@ def _run(model, *, seed: int = 0, guidance: float = 5.0, scheduler: str = "unipc
     )
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "unipc"])
+@pytest.mark.parametrize("scheduler", ["diffsynth_euler", "euler", "unipc"])
 def test_sample_seeded_determinism(scheduler: str) -> None:
     a = _run(ToyModel(), seed=0, scheduler=scheduler)
     b = _run(ToyModel(), seed=0, scheduler=scheduler)
@@ -274,7 +275,7 @@ def test_callback_sees_every_step() -> None:
     assert seen == list(range(6))
 
 
-@pytest.mark.parametrize(("scheduler", "tol"), [("euler", 1e-5), ("unipc", 1e-2)])
+@pytest.mark.parametrize(("scheduler", "tol"), [("diffsynth_euler", 1e-5), ("euler", 1e-5), ("unipc", 1e-2)])
 def test_sampler_reaches_point_mass(scheduler: str, tol: float) -> None:
     """For data x0 = c, x_t = (1 - s) c + s eps, so eps = (x_t - (1 - s) c) / s and the exact
     velocity eps - x0 is (x_t - c) / s; integrating it from pure noise must land on c.
@@ -301,6 +302,52 @@ def test_sampler_reaches_point_mass(scheduler: str, tol: float) -> None:
     assert (out - c).abs().max().item() < tol
 
 
+@pytest.mark.parametrize("steps", [1, 3, 50])
+def test_diffsynth_euler_sigmas_are_the_closed_form(steps: int) -> None:
+    """u = linspace(1, 0, steps + 1)[:-1], sigma = s u / (1 + (s - 1) u), timestep 1000 sigma, then 0."""
+    scheduler = build_scheduler("diffsynth_euler", flow_shift=5.0)
+    scheduler.set_timesteps(steps)
+    u = torch.tensor([1 - k / steps for k in range(steps)], dtype=torch.float64)
+    expected = 5 * u / (1 + 4 * u)
+    assert scheduler.sigmas.shape == (steps + 1,) and scheduler.timesteps.shape == (steps,)
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), expected, rtol=1e-6, atol=1e-7)
+    assert scheduler.sigmas[0].item() == 1.0 and scheduler.sigmas[-1].item() == 0.0
+    torch.testing.assert_close(scheduler.timesteps.double(), 1000 * expected, rtol=1e-6, atol=1e-4)
+
+
+def test_diffsynth_euler_differs_from_diffusers_euler_at_the_low_noise_end() -> None:
+    ours, theirs = build_scheduler("diffsynth_euler"), build_scheduler("euler")
+    ours.set_timesteps(50)
+    theirs.set_timesteps(50)
+    # The last non-zero sigma: shift(1/50) here; diffusers spaces u over [1, shift(1/1000)], then shifts.
+    shift = lambda u: 5 * u / (1 + 4 * u)  # noqa: E731
+    assert ours.sigmas[-2].item() == pytest.approx(shift(0.02), rel=1e-6)
+    assert theirs.sigmas[-2].item() == pytest.approx(shift(shift(0.001)), rel=1e-4)
+
+
+def test_diffsynth_euler_steps_are_plain_euler() -> None:
+    """Step i: x + v (sigma_{i+1} - sigma_i); the last one goes to sigma = 0, i.e. x - sigma_last v."""
+    scheduler = DiffSynthFlowMatchEuler(shift=5.0)
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(0)
+    x, v = torch.randn(SHAPE, generator=_gen(0)), torch.randn(SHAPE, generator=_gen(1))
+    u = [1.0, 0.75, 0.5, 0.25]
+    sigma = [5 * a / (1 + 4 * a) for a in u] + [0.0]
+    for i, t in enumerate(scheduler.timesteps):
+        out = scheduler.step(v, t, x, return_dict=False)[0]
+        torch.testing.assert_close(out, x + v * (sigma[i + 1] - sigma[i]), rtol=1e-6, atol=1e-6)
+        x = out
+    # Without a begin index the step is found from the timestep, as upstream does.
+    fresh = DiffSynthFlowMatchEuler(shift=5.0)
+    fresh.set_timesteps(4)
+    y = torch.zeros(SHAPE)
+    torch.testing.assert_close(fresh.step(v, fresh.timesteps[2], y).prev_sample, v * (sigma[3] - sigma[2]))
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        DiffSynthFlowMatchEuler().step(v, 1000.0, y)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        DiffSynthFlowMatchEuler(shift=0.0)
+
+
 def test_build_scheduler_configs_and_errors() -> None:
     euler = build_scheduler("euler", flow_shift=3.0)
     assert type(euler).__name__ == "FlowMatchEulerDiscreteScheduler" and euler.config.shift == 3.0
@@ -308,7 +355,9 @@ def test_build_scheduler_configs_and_errors() -> None:
     assert type(unipc).__name__ == "UniPCMultistepScheduler"
     assert unipc.config.prediction_type == "flow_prediction" and unipc.config.use_flow_sigmas
     assert unipc.config.flow_shift == 5.0
-    with pytest.raises(ValueError, match=r"unknown scheduler 'ddim'.*euler.*unipc"):
+    diffsynth = build_scheduler("diffsynth_euler", flow_shift=3.0)
+    assert isinstance(diffsynth, DiffSynthFlowMatchEuler) and diffsynth.config.shift == 3.0
+    with pytest.raises(ValueError, match=r"unknown scheduler 'ddim'.*diffsynth_euler.*euler.*unipc"):
         build_scheduler("ddim")
     with pytest.raises(ValueError, match="flow_shift must be > 0"):
         build_scheduler("euler", flow_shift=0.0)

@@ -240,12 +240,13 @@ def test_negative_prompt_is_the_standard_wan_one():
 # --- diffusers interoperability ---------------------------------------------------------------------------
 
 
-def test_wan_pipeline_with_t3_dit_matches_generate(model_dir, text_encoder):
-    gen = make_generator(model_dir, text_encoder, t3_schedule())
+@pytest.mark.parametrize("scheduler", ["unipc", "diffsynth_euler"])
+def test_wan_pipeline_with_t3_dit_matches_generate(model_dir, text_encoder, scheduler):
+    gen = make_generator(model_dir, text_encoder, t3_schedule(), scheduler=scheduler)
     (ours,) = generate("a red cat", generator=gen, **SIZE, **FAST, seed=5, latents_only=True)
 
     pipe = make_wan_pipeline(
-        load_dit(model_dir / "dit"), load_vae(model_dir / "vae"), model_dir / "text_encoder", "unipc",
+        load_dit(model_dir / "dit"), load_vae(model_dir / "vae"), model_dir / "text_encoder", scheduler,
         schedule=t3_schedule(),
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -6,6 +6,7 @@ the model predicts ``eps - x0`` and is fed ``timestep = sigma * num_train_timest
 
 from __future__ import annotations
 
+from t3.diffusion.diffsynth_euler import DiffSynthFlowMatchEuler, diffsynth_sigmas
 from t3.diffusion.flow_matching import (
     add_noise,
     flow_matching_loss,
@@ -24,6 +25,7 @@ from t3.diffusion.timesteps import (
 
 __all__ = [
     "SCHEDULER_NAMES",
+    "DiffSynthFlowMatchEuler",
     "LogitNormalSampler",
     "ShiftedSampler",
     "TimestepSampler",
@@ -31,6 +33,7 @@ __all__ = [
     "add_noise",
     "build_scheduler",
     "build_timestep_sampler",
+    "diffsynth_sigmas",
     "flow_matching_loss",
     "flow_matching_loss_at",
     "sample",

@@ -20,19 +20,22 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
+from t3.diffusion.diffsynth_euler import DiffSynthFlowMatchEuler
 from t3.diffusion.flow_matching import ModelFn, _unwrap_prediction
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_NAMES: tuple[str, ...] = ("euler", "unipc")
+SCHEDULER_NAMES: tuple[str, ...] = ("diffsynth_euler", "euler", "unipc")
 
 #: ``callback(step_index, timestep, latents)``; may return replacement latents (or ``None``).
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
 def build_scheduler(name: str, num_train_timesteps: int = 1000, flow_shift: float = 5.0) -> SchedulerMixin:
-    """Builds a flow-matching scheduler configured as diffusers' Wan pipelines use it.
+    """Builds a flow-matching scheduler: the T3 authors' one, or one configured as diffusers' Wan pipelines use it.
 
+    * ``"diffsynth_euler"``: DiffSynth-Studio's Euler over ``steps`` evenly spaced shifted sigmas of ``(0, 1]``
+      (`t3.diffusion.diffsynth_euler`), what the T3 authors' pipeline samples with.
     * ``"euler"``: ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)`` (first-order; the WanPipeline
       class default).
     * ``"unipc"``: ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -43,7 +46,7 @@ def build_scheduler(name: str, num_train_timesteps: int = 1000, flow_shift: floa
     Wan's recommendation is ``flow_shift`` 5.0 for 720p and 3.0 for 480p; larger for higher resolution.
 
     Args:
-        name: ``"euler"`` or ``"unipc"`` (case-insensitive).
+        name: ``"diffsynth_euler"``, ``"euler"`` or ``"unipc"`` (case-insensitive).
         num_train_timesteps: Scale between ``sigma`` in ``[0, 1]`` and model timesteps.
         flow_shift: Timestep shift of the inference schedule, ``> 0``.
 
@@ -58,6 +61,8 @@ def build_scheduler(name: str, num_train_timesteps: int = 1000, flow_shift: floa
         raise ValueError(f"flow_shift must be > 0, got {flow_shift}")
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    if key == "diffsynth_euler":
+        return DiffSynthFlowMatchEuler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
     if key == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
     if key == "unipc":

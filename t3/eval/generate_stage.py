@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from t3.attention import Schedule
+from t3.diffusion import SCHEDULER_NAMES
 from t3.eval.metrics.base import sha256_file
 from t3.eval.prompts import PromptEntry, shard_range
 from t3.generate import WAN_NEGATIVE_PROMPT, T2VGenerator, check_video_size, generate, video_file_name
@@ -98,7 +99,8 @@ class GenerationSettings:
         seeds: One video per prompt and seed; each video's noise comes from its seed alone.
         negative_prompt: Negative prompt; None = Wan's standard one (`t3.generate.WAN_NEGATIVE_PROMPT`).
         fps: Frame rate written into the mp4s (the authors saved at 30).
-        sampler: ``unipc`` (Wan's default) or ``euler``.
+        sampler: ``diffsynth_euler`` (the T3 authors' sampler), ``unipc`` (the official Wan sampler) or
+            ``euler`` (diffusers' flow-matching Euler); see `t3.diffusion.build_scheduler`.
         dtype: DiT compute dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``bfloat16``, ``float32``...
         device: ``auto`` (CUDA if available), ``cuda``, ``cpu``...
         backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
@@ -116,7 +118,7 @@ class GenerationSettings:
     seeds: tuple[int, ...] = (0,)
     negative_prompt: str | None = None
     fps: float = 30.0
-    sampler: str = "unipc"
+    sampler: str = "diffsynth_euler"
     dtype: str = "auto"
     device: str = "auto"
     backend: str = "auto"
@@ -141,8 +143,8 @@ class GenerationSettings:
             raise ValueError(f"generation.steps must be >= 1, got {self.steps}")
         if not self.fps > 0:
             raise ValueError(f"generation.fps must be > 0, got {self.fps}")
-        if self.sampler not in ("unipc", "euler"):
-            raise ValueError(f"generation.sampler must be 'unipc' or 'euler', got {self.sampler!r}")
+        if self.sampler not in SCHEDULER_NAMES:
+            raise ValueError(f"generation.sampler must be one of {list(SCHEDULER_NAMES)}, got {self.sampler!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(
                 f"generation.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
