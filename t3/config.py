@@ -56,7 +56,6 @@ STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp2")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 LR_SCHEDULES = ("constant", "cosine")
-TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "shifted")
 DATA_SOURCES = ("synthetic", "latent_shards", "raw_videos")
 EXPORT_FORMATS = ("diffusers", "wan")
 
@@ -201,17 +200,27 @@ class OptimConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Flow-matching objective (`t3.diffusion`).
+    """Flow-matching objective (`t3.diffusion`): how training draws noise levels and weighs the loss.
+
+    The T3 authors' pipeline (DiffSynth-Studio) draws one of 1000 fixed shifted sigmas uniformly and weighs
+    the MSE with a bell-shaped function of the timestep: ``shifted_discrete`` + ``bell`` (the paper-recipe
+    experiments). ``shifted`` + ``none`` is the same shift drawn continuously with a plain MSE.
 
     Attributes:
-        timestep_sampler: ``shifted`` (Wan), ``uniform`` or ``logit_normal``.
-        flow_shift: Shift of the ``shifted`` sampler (the paper: 5).
+        timestep_sampler: ``shifted_discrete`` (the authors'), ``shifted``, ``uniform`` or ``logit_normal``
+            (`t3.diffusion.timesteps`).
+        loss_weighting: ``bell`` (the authors') or ``none`` (`t3.diffusion.weighting`). Validation losses are
+            never weighted, so runs with different weightings compare on ``val/loss``.
+        flow_shift: Shift of the ``shifted`` / ``shifted_discrete`` samplers and of the ``bell`` table (the
+            paper: 5).
         logit_mean: Mean of the ``logit_normal`` sampler.
         logit_std: Std of the ``logit_normal`` sampler.
-        num_train_timesteps: Scale from sigma to the model's timestep input.
+        num_train_timesteps: Scale from sigma to the model's timestep input; also the size of the
+            ``shifted_discrete`` / ``bell`` table (1000, as DiffSynth's ``set_timesteps(1000, training=True)``).
     """
 
     timestep_sampler: str = "shifted"
+    loss_weighting: str = "none"
     flow_shift: float = 5.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -567,6 +576,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     Raises:
         ConfigError: One line naming the offending key, its value and what is accepted.
     """
+    from t3.diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
     from t3.models.presets import get_spec, preset_names
 
     # A missing mandatory value anywhere (``???``) would otherwise surface much later, mid-build.
@@ -641,6 +651,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     if cfg.optim.decay_steps is not None:
         _check_range(cfg, "optim.decay_steps", low=1)
     _check_choice(cfg, "objective.timestep_sampler", TIMESTEP_SAMPLERS)
+    _check_choice(cfg, "objective.loss_weighting", LOSS_WEIGHTINGS)
     _check_range(cfg, "objective.flow_shift", low=0, low_open=True)
     _check_range(cfg, "objective.logit_std", low=0, low_open=True)
     _check_range(cfg, "objective.num_train_timesteps", low=1)

@@ -78,7 +78,9 @@ def test_experiments_follow_the_paper_recipe(name):
     assert (cfg.data.height, cfg.data.width, cfg.data.num_frames) == size
     assert cfg.trainer.max_steps == steps and cfg.finetune.trainable == trainable
     assert cfg.batch.global_size == 64 and facts.accumulate == 8
-    assert cfg.objective.flow_shift == 5.0 and cfg.objective.timestep_sampler == "shifted"
+    # The authors' objective (DiffSynth-Studio's training table and bell weight), shift 5.
+    assert cfg.objective.flow_shift == 5.0 and cfg.objective.timestep_sampler == "shifted_discrete"
+    assert cfg.objective.loss_weighting == "bell"
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.optim.weight_decay == 1e-2
     assert cfg.trainer.precision == "bf16-mixed"
     if trainable == "lora":
@@ -115,6 +117,7 @@ BAD = [
     (["experiment=t3_4k", "data.train.urls_or_dir=/data"], "model.init_from=", "stage-1"),
     (["+data.train.num_sample=3"], "data.train.num_sample", "unknown argument"),
     (["validation.sigmas=[0.5,1.5]"], "validation.sigmas", "[0, 1]"),
+    (["objective.loss_weighting=snr"], "objective.loss_weighting='snr'", "one of"),
     (
         ["model.attention_tokens_per_call=0"],
         "model.attention_tokens_per_call=0",

@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from t3.diffusion import (
+    BellWeighting,
     DiffSynthFlowMatchEuler,
     LogitNormalSampler,
+    ShiftedDiscreteSampler,
     ShiftedSampler,
     UniformSampler,
     add_noise,
+    build_loss_weighting,
     build_scheduler,
     build_timestep_sampler,
+    diffsynth_sigmas,
     flow_matching_loss,
     flow_matching_loss_at,
     sample,
@@ -150,6 +154,11 @@ def test_loss_weighting() -> None:
         (ShiftedSampler(1.0), 0.5),
         # E[5u / (1 + 4u)] = 5/4 - 5 ln(5) / 16 for u ~ U(0, 1)
         (ShiftedSampler(5.0), 1.25 - 5 * torch.log(torch.tensor(5.0)).item() / 16),
+        # The mean of the 1000 table sigmas 5u / (1 + 4u), u = 1, 0.999, ..., 0.001.
+        (
+            ShiftedDiscreteSampler(5.0),
+            sum(5 * (1 - k / 1000) / (1 + 4 * (1 - k / 1000)) for k in range(1000)) / 1000,
+        ),
     ],
 )
 def test_sampler_statistics_and_bounds(sampler, expected_mean: float) -> None:
@@ -175,10 +184,66 @@ def test_sampler_seeded_determinism() -> None:
     assert not torch.equal(sampler.sample(8, _gen(0)), sampler.sample(8, _gen(1)))
 
 
+def _diffsynth_table(n: int = 1000, shift: float = 5.0) -> torch.Tensor:
+    """The closed form of DiffSynth's training sigmas, float64: shift(u) at u = 1, 1 - 1/n, ..., 1/n."""
+    u = torch.tensor([1 - k / n for k in range(n)], dtype=torch.float64)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def test_shifted_discrete_draws_table_sigmas_uniformly() -> None:
+    sampler = build_timestep_sampler("shifted_discrete", shift=5.0, num_timesteps=1000)
+    s = sampler.sample(50_000, _gen(0))
+    table = _diffsynth_table().float()
+    index = (s[:, None] - table[None, :]).abs().argmin(dim=1)
+    torch.testing.assert_close(s, table[index], rtol=0, atol=1e-6)  # every draw is a table entry
+    counts = torch.bincount(index, minlength=1000).float()
+    # 50 per entry on average; uniform within sampling noise (a 10-bin coarse histogram, +-5%).
+    assert counts.view(10, 100).sum(1).div(5000).sub(1).abs().max().item() < 0.05
+    assert torch.equal(sampler.sample(8, _gen(3)), sampler.sample(8, _gen(3)))
+
+
+def test_bell_weights_are_the_closed_form_on_the_shifted_table() -> None:
+    """y = exp(-2 ((t - 500) / 1000)^2) on the 1000 shifted timesteps t = 1000 sigma, minus its minimum,
+    scaled so the 1000 weights sum to 1000 (DiffSynth-Studio FlowMatchScheduler, training=True)."""
+    timesteps, weights = BellWeighting(shift=5.0).table()
+    t = 1000 * _diffsynth_table()
+    y = torch.exp(-2 * ((t - 500) / 1000) ** 2)
+    expected = (y - y.min()) * 1000 / (y - y.min()).sum()
+    torch.testing.assert_close(timesteps.double(), t, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert weights.sum().item() == pytest.approx(1000, rel=1e-5)
+    assert weights[0].item() == 0.0  # t = 1000 (pure noise) is the table's farthest point from 500
+    peak = int(weights.argmax())
+    assert abs(timesteps[peak].item() - 500) < 1.0
+    # The timesteps are the shifted ones: unshifted they would be 1000, 999, ..., 1.
+    assert timesteps[500].item() == pytest.approx(1000 * 5 * 0.5 / (1 + 4 * 0.5), rel=1e-6)
+
+
+def test_bell_weighting_of_table_sigmas_is_the_table_weight_and_weights_the_loss() -> None:
+    weighting = build_loss_weighting("bell", shift=5.0, num_train_timesteps=1000)
+    _, weights = weighting.table()
+    sigmas = ShiftedDiscreteSampler(5.0).sample(64, _gen(4))  # what training draws
+    index = (sigmas[:, None] - diffsynth_sigmas(1000, 5.0)[None, :]).abs().argmin(dim=1)
+    assert torch.equal(weighting(sigmas), weights[index])  # bit for bit
+    assert build_loss_weighting("none") is None
+    with pytest.raises(ValueError, match=r"unknown loss weighting 'snr'.*none.*bell"):
+        build_loss_weighting("snr")
+
+    x0, noise = torch.randn(SHAPE, generator=_gen(0)), torch.randn(SHAPE, generator=_gen(1))
+
+    def zero(x_t, timestep, **cond):
+        return torch.zeros_like(x_t)
+
+    pair = sigmas[:2]
+    loss, info = flow_matching_loss_at(zero, x0, {}, pair, noise, weighting=weighting)
+    torch.testing.assert_close(loss, (weighting(pair) * info["per_sample_loss"]).mean())
+
+
 def test_build_timestep_sampler_errors() -> None:
     assert build_timestep_sampler("shifted", shift=3.0) == ShiftedSampler(3.0)
     with pytest.raises(
-        ValueError, match=r"unknown timestep sampler 'cosine'.*logit_normal.*shifted.*uniform"
+        ValueError,
+        match=r"unknown timestep sampler 'cosine'.*logit_normal.*shifted.*shifted_discrete.*uniform",
     ):
         build_timestep_sampler("cosine")
     with pytest.raises(ValueError, match="shift must be > 0, got -1"):

@@ -35,6 +35,7 @@ STUDIES = {
     "ablation_trainable": {"finetune.trainable", "optim.lr"},
     "ablation_lora_rank": {"finetune.lora.rank"},
     "ablation_resolution": {"data"},
+    "ablation_objective": {"objective.timestep_sampler", "objective.loss_weighting"},
 }
 GRIDS = {  # token grids of Wan2.1 at 81 frames: 480p, 720p, 1088p, 4K
     "480x832": (21, 30, 52),

@@ -140,3 +140,23 @@ def test_deepspeed_config(stage, offload):
     assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == offload
     assert "gradient_accumulation_steps" not in ds  # Lightning sets it from accumulate_grad_batches
     assert math.isfinite(zero["reduce_bucket_size"])
+
+
+def test_objective_config_builds_the_authors_sampler_and_loss_weight():
+    """``objective`` chooses both: the DiffSynth table draw and bell weight, or the continuous shift and MSE."""
+    from t3.config import FinetuneConfig, ModelConfig, ObjectiveConfig, ValidationConfig
+    from t3.diffusion import BellWeighting, ShiftedDiscreteSampler, ShiftedSampler
+    from t3.training.module import T3FinetuneModule
+
+    def module(**objective):
+        return T3FinetuneModule(
+            model=ModelConfig(preset="tiny", random_init=True), schedule=None, finetune=FinetuneConfig(),
+            optim=OptimConfig(), objective=ObjectiveConfig(**objective), validation=ValidationConfig(),
+            max_steps=1, seed=0,
+        )  # fmt: skip
+
+    authors = module(timestep_sampler="shifted_discrete", loss_weighting="bell", flow_shift=3.0)
+    assert authors.sampler == ShiftedDiscreteSampler(shift=3.0, num_timesteps=1000)
+    assert authors.weighting == BellWeighting(shift=3.0, num_timesteps=1000, num_train_timesteps=1000)
+    plain = module()
+    assert plain.sampler == ShiftedSampler(shift=5.0) and plain.weighting is None

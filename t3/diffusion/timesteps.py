@@ -7,8 +7,13 @@ so a CPU generator gives the same sigmas whatever device the model lives on.
 
 * ``uniform``: ``sigma ~ U(0, 1)``.
 * ``logit_normal``: ``sigma = sigmoid(N(mean, std))`` (SD3); concentrates on mid noise levels.
-* ``shifted``: ``sigma = shift_sigma(U(0, 1), shift)``; Wan's training choice with ``shift = 5``,
-  which biases training towards high noise like the inference schedule does.
+* ``shifted``: ``sigma = shift_sigma(U(0, 1), shift)`` with ``shift = 5``: the shifted schedule of Wan's
+  sampler, drawn continuously; biases training towards high noise like the inference schedule does.
+* ``shifted_discrete``: one of ``num_timesteps`` fixed sigmas, each with probability ``1 / num_timesteps``:
+  ``shift_sigma(u)`` at ``u = 1, 1 - 1/N, ..., 1/N``. This is how the T3 authors' DiffSynth-Studio pipeline
+  draws training timesteps (``FlowMatchScheduler.set_timesteps(1000, training=True)``, then
+  ``timesteps[randint(0, 1000)]`` in ``WanVideoPipeline.training_loss``; the table is
+  `t3.diffusion.diffsynth_sigmas`, where the upstream files and commit are named).
 
 Use :func:`build_timestep_sampler` to construct one from a config name.
 """
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 
+from t3.diffusion.diffsynth_euler import diffsynth_sigmas
 from t3.diffusion.flow_matching import shift_sigma
 
 logger = logging.getLogger(__name__)
@@ -132,18 +138,50 @@ class ShiftedSampler(TimestepSampler):
         return shift_sigma(u, self.shift)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShiftedDiscreteSampler(TimestepSampler):
+    """One of the ``num_timesteps`` DiffSynth sigmas ``diffsynth_sigmas(num_timesteps, shift)``, uniformly.
+
+    Attributes:
+        shift: Shift factor, ``> 0`` (the authors: 5).
+        num_timesteps: Size of the table (the authors: 1000, the model's timestep scale).
+    """
+
+    shift: float = 5.0
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+
+    def _sample_unclamped(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        index = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
+        return diffsynth_sigmas(self.num_timesteps, self.shift).to(device)[index]
+
+
 _SAMPLERS: dict[str, type[TimestepSampler]] = {
     "uniform": UniformSampler,
     "logit_normal": LogitNormalSampler,
     "shifted": ShiftedSampler,
+    "shifted_discrete": ShiftedDiscreteSampler,
 }
+
+
+#: The config names of the samplers (``objective.timestep_sampler``).
+TIMESTEP_SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
 
 
 def build_timestep_sampler(name: str, **kwargs: Any) -> TimestepSampler:
     """Builds a timestep sampler from its config name.
 
     Args:
-        name: One of ``"uniform"``, ``"logit_normal"``, ``"shifted"`` (``-`` is accepted for ``_``).
+        name: One of ``"uniform"``, ``"logit_normal"``, ``"shifted"``, ``"shifted_discrete"`` (``-`` is
+            accepted for ``_``).
         **kwargs: The sampler's parameters (e.g. ``shift=5.0``, ``mean=0.0, std=1.0``) and the
             optional clamps ``sigma_min`` / ``sigma_max``.
 

@@ -144,7 +144,9 @@ class GenerationSettings:
         if not self.fps > 0:
             raise ValueError(f"generation.fps must be > 0, got {self.fps}")
         if self.sampler not in SCHEDULER_NAMES:
-            raise ValueError(f"generation.sampler must be one of {list(SCHEDULER_NAMES)}, got {self.sampler!r}")
+            raise ValueError(
+                f"generation.sampler must be one of {list(SCHEDULER_NAMES)}, got {self.sampler!r}"
+            )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(
                 f"generation.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"

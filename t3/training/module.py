@@ -33,7 +33,7 @@ from torch import nn
 
 import t3
 from t3.config import FinetuneConfig, ModelConfig, ObjectiveConfig, OptimConfig, ValidationConfig
-from t3.diffusion import build_timestep_sampler, flow_matching_loss_at
+from t3.diffusion import build_loss_weighting, build_timestep_sampler, flow_matching_loss_at
 from t3.training.optim import build_lr_scheduler, build_optimizer
 from t3.training.params import TrainableSummary, select_trainable
 
@@ -87,7 +87,7 @@ class T3FinetuneModule(L.LightningModule):
         schedule: The T3 `Schedule` swapped into every self-attention.
         finetune: Trainable weights, gradient checkpointing, activation offload.
         optim: AdamW and learning-rate schedule.
-        objective: Timestep distribution (flow shift).
+        objective: Timestep distribution and loss weighting (validation losses stay unweighted).
         validation: Fixed validation noise levels and seed.
         max_steps: Optimizer steps of the run (length of a cosine schedule).
         seed: Seed of the per-sample training noise.
@@ -130,15 +130,21 @@ class T3FinetuneModule(L.LightningModule):
         self.cpu_offload_optimizer = cpu_offload_optimizer
         self.parallelize = parallelize
         self.param_dtype = param_dtype
+        sampler_params = {
+            "shifted": {"shift": objective.flow_shift},
+            "shifted_discrete": {
+                "shift": objective.flow_shift,
+                "num_timesteps": objective.num_train_timesteps,
+            },
+            "logit_normal": {"mean": objective.logit_mean, "std": objective.logit_std},
+        }
         self.sampler = build_timestep_sampler(
-            objective.timestep_sampler,
-            **(
-                {"shift": objective.flow_shift}
-                if objective.timestep_sampler == "shifted"
-                else {"mean": objective.logit_mean, "std": objective.logit_std}
-                if objective.timestep_sampler == "logit_normal"
-                else {}
-            ),
+            objective.timestep_sampler, **sampler_params.get(objective.timestep_sampler, {})
+        )
+        self.weighting = build_loss_weighting(
+            objective.loss_weighting,
+            shift=objective.flow_shift,
+            num_train_timesteps=objective.num_train_timesteps,
         )
         self.dit: nn.Module | None = None
         self.trainable_summary: TrainableSummary | None = None
@@ -233,6 +239,7 @@ class T3FinetuneModule(L.LightningModule):
                 sigma,
                 noise,
                 num_train_timesteps=self.objective.num_train_timesteps,
+                weighting=self.weighting,
             )
         bad = self._any_rank(not bool(torch.isfinite(loss.detach())))
         if bad:
