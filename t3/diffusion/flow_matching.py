@@ -1,4 +1,4 @@
-"""Rectified-flow (flow-matching) training objective, as used by Wan.
+"""Rectified-flow (flow-matching) training objective of the Wan models.
 
 Conventions (shared with diffusers' ``FlowMatchEulerDiscreteScheduler`` and the Wan models):
 
@@ -8,7 +8,8 @@ Conventions (shared with diffusers' ``FlowMatchEulerDiscreteScheduler`` and the 
 * The network is conditioned on ``timestep = sigma * num_train_timesteps`` (so in ``[0, 1000]``).
 
 Everything here is a pure function of its inputs; randomness only enters through an explicit
-``torch.Generator`` so that losses are reproducible.
+``torch.Generator`` so that losses are reproducible. How noise levels are drawn and losses weighted:
+`t3.diffusion.timesteps` and `t3.diffusion.weighting`.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class LogitNormalSampler(TimestepSampler):
 
 @dataclasses.dataclass(frozen=True)
 class ShiftedSampler(TimestepSampler):
-    """``sigma = shift * u / (1 + (shift - 1) * u)`` with ``u ~ U(0, 1)`` (Wan's default, shift 5).
+    """``sigma = shift * u / (1 + (shift - 1) * u)`` with ``u ~ U(0, 1)``: the sampler's shifted schedule, drawn continuously.
 
     Attributes:
         shift: Shift factor, ``> 0``; ``1`` is uniform, ``> 1`` favours high noise.
