@@ -141,6 +141,7 @@ def test_generate_writes_records_and_skips_finished_videos(tiny_models, tmp_path
     record = json.loads((out / "video_00001_seed7.json").read_text())
     assert record["seed"] == 7 and record["steps"] == STEPS and record["model"] == "tiny"
     assert (record["height"], record["width"], record["frames"], record["fps"]) == (64, 64, 5, 8)
+    assert record["content_fps"] == 16 and record["sampler"] == "diffsynth_euler"  # tiny: 16 fps, like Wan2.1
     assert record["schedule"] == cfg.t3.name and record["negative_prompt"].startswith("色调艳丽")
     assert record["checkpoint_sha256"] == checkpoint_sha256(tiny_models / "dit")
     assert set(record["timings_s"]) == {"text_encoding", "denoising", "decode", "write", "total"}

@@ -22,7 +22,7 @@ from torch import nn
 from t3.eval import run
 from t3.eval.metrics import FrechetVideoDistance
 from t3.eval.metrics.base import read_frames, sha256_file
-from t3.eval.metrics.fvd import DETECTOR_KWARGS, random_tiles, resized_clip, tile_positions
+from t3.eval.metrics.fvd import DETECTOR_KWARGS, clip_indices, random_tiles, resized_clip, tile_positions
 from t3.eval.prompts import load_prompts
 from t3.video_io import write_video
 
@@ -113,10 +113,12 @@ def scored_run(tmp_path_factory) -> tuple[Path, Path]:
     for entry in load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=NUM_PROMPTS):
         ref = data_root / entry.data_file
         ref.parent.mkdir(parents=True, exist_ok=True)
-        write_video(ref, rng.integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8), fps=8)
+        write_video(ref, rng.integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8), fps=16)
         video = out / f"video_{entry.index:05d}_seed0.mp4"
-        write_video(video, rng.integers(64, 192, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8), fps=8)
-        video.with_suffix(".json").write_text(json.dumps({"frames": FRAMES, "prompt": entry.prompt}))
+        # Labelled 30 fps like the authors' videos; the content is at the tiny model's 16 fps.
+        write_video(video, rng.integers(64, 192, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8), fps=30)
+        record = {"frames": FRAMES, "prompt": entry.prompt, "fps": 30, "content_fps": 16}
+        video.with_suffix(".json").write_text(json.dumps(record))
     return out, data_root
 
 
@@ -223,6 +225,8 @@ def test_scoring_end_to_end_with_tiny_extractors(scored_run, i3d_path, clip_dir)
     assert m["fvd_i3d"]["value"] == pytest.approx(frechet_eigh(ref, gen), rel=1e-4)
     assert (m["fvd_i3d"]["num_generated"], m["fvd_i3d"]["num_reference"]) == (5, 5)
     assert m["fvd_i3d"]["protocol"]["detector_sha256"] == sha256_file(i3d_path)
+    assert m["fvd_i3d"]["protocol"]["fps"] == 16
+    assert m["fvd_i3d"]["protocol"]["source_fps"] == {"generated": {"16": 5}, "reference": {"16": 5}}
     assert m["fvd_i3d"]["protocol"]["detector_kwargs"] == {
         "rescale": False,
         "resize": False,
@@ -291,3 +295,71 @@ def test_tiles_are_deterministic_and_inside_the_frame():
     assert all(0 <= y <= 16 and 0 <= x <= 76 for y, x in tile_positions(240, 300, 50, [1]))
     with pytest.raises(ValueError, match=r"frames of 100x300 are smaller than the 224x224 tiles"):
         tile_positions(100, 300, 1, [0])
+
+
+# --- one effective frame rate -----------------------------------------------------------------------------
+
+
+def test_clip_indices_sample_every_video_at_the_effective_rate():
+    assert clip_indices(81, 16, source_fps=16, fps=16) == list(range(16))
+    assert clip_indices(81, 4, source_fps=32, fps=16) == [0, 2, 4, 6]
+    assert clip_indices(81, 4, source_fps=30, fps=16) == [0, 2, 4, 6]  # 1.875 k, halves up: 0, 1.9, 3.8, 5.6
+    assert clip_indices(81, 5, source_fps=24, fps=16, start=2) == [3, 5, 6, 8, 9]
+    assert clip_indices(81, 4, source_fps=8, fps=16) == [0, 1, 1, 2]  # below the rate: frames repeat
+    assert clip_indices(30000, 3, source_fps=30000 / 1001, fps=16) == [0, 2, 4]
+    assert clip_indices(30, 16, source_fps=32, fps=16) is None  # needs frame 30
+    with pytest.raises(ValueError, match="frame rates must be > 0"):
+        clip_indices(81, 16, source_fps=0.0, fps=16)
+
+
+def _ramp_video(path: Path, fps: int, seconds: float, variant: int) -> None:
+    """Flat frames whose colour is a function of time only: the same motion at any frame rate."""
+    t = np.arange(round(fps * seconds) + 1) / fps
+    colour = np.stack(
+        [40 + 100 * t + 30 * variant, 200 - 80 * t - 20 * variant, 60 + 40 * variant + 0 * t], -1
+    )
+    frames = np.broadcast_to(colour[:, None, None, :], (len(t), 64, 64, 3)).round().astype(np.uint8)
+    write_video(path, frames, fps=fps)
+
+
+def test_fvd_compares_videos_at_two_frame_rates_at_the_same_times(i3d_path, tmp_path):
+    """Generated videos at 16 fps (mp4s labelled 30) against references of the same motion at 32 fps: with
+    both sampled at 16 fps the clips show the same instants and FVD is ~0; taken as consecutive frames of
+    each file they would not (the reference clip would span half the time)."""
+    out, data_root = tmp_path / "run", tmp_path / "data"
+    out.mkdir()
+    entries = load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=3)
+    for entry in entries:
+        (data_root / entry.data_file).parent.mkdir(parents=True, exist_ok=True)
+        _ramp_video(data_root / entry.data_file, fps=32, seconds=2, variant=entry.index)
+        generated = out / f"video_{entry.index:05d}_seed0.mp4"
+        _ramp_video(generated, fps=16, seconds=2, variant=entry.index)
+        write_video(generated, read_frames(generated, range(33)), fps=30)  # the 30 fps label, same frames
+        record = {"frames": 33, "prompt": entry.prompt, "fps": 30, "content_fps": 16}
+        generated.with_suffix(".json").write_text(json.dumps(record))
+
+    def fvd(*extra: str) -> dict:
+        return run(compose_eval(*score_overrides(
+            out, "benchmark.limit=3", f"benchmark.data_root={data_root}", f"metrics.fvd_i3d.weights={i3d_path}",
+            "metrics.fvd_i3d_crop224.enabled=false", *extra,
+        )))["metrics"]["fvd_i3d"]  # fmt: skip
+
+    aligned = fvd()
+    assert aligned["protocol"]["fps"] == 16
+    assert aligned["protocol"]["source_fps"] == {"generated": {"16": 3}, "reference": {"32": 3}}
+
+    # The same references read as consecutive frames (as if they were at the generated videos' rate).
+    detector = torch.jit.load(str(i3d_path))
+
+    def features(paths: list[Path], indices: list[int]) -> np.ndarray:
+        clips = torch.stack([resized_clip(read_frames(p, indices)) for p in paths])
+        with torch.no_grad():
+            return detector(clips, **DETECTOR_KWARGS).double().numpy()
+
+    gen = features([out / f"video_{e.index:05d}_seed0.mp4" for e in entries], list(range(16)))
+    refs = [data_root / e.data_file for e in entries]
+    consecutive = frechet_eigh(features(refs, list(range(16))), gen)
+    assert aligned["value"] == pytest.approx(
+        frechet_eigh(features(refs, list(range(0, 32, 2))), gen), abs=1e-6
+    )
+    assert aligned["value"] < 0.05 * consecutive, (aligned["value"], consecutive)  # codec noise only

@@ -456,7 +456,8 @@ def run_generation(
             "index": job.entry.index,
             "data_file": job.entry.data_file,
             "video": job.mp4.name,
-            "fps": settings.fps,
+            "fps": settings.fps,  # the rate the mp4 is labelled with (the authors': 30)
+            "content_fps": get_spec(model.preset).frame_rate,  # the rate of the motion: what FVD samples at
             "checkpoint": str(model.dit_path),
             "schedule_description": schedule.description,
             "dtype": str(generator.dtype).removeprefix("torch."),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from t3.eval.generate_stage import (
     VideoJob,
+    completed_record,
     is_complete,
     resolve_device,
     video_jobs,
@@ -49,6 +51,8 @@ from t3.eval.metrics import (
 from t3.eval.metrics.base import num_video_frames, read_frames, resolve_weights
 from t3.eval.metrics.fvd import DETECTOR_KWARGS, I3D_NUM_FEATURES, clip_indices, random_tiles, resized_clip
 from t3.eval.prompts import PromptEntry
+from t3.models import get_spec
+from t3.video_io import video_info
 
 __all__ = ["FVDSettings", "ScoreSettings", "run_scoring"]
 
@@ -70,8 +74,8 @@ class FVDSettings:
         enabled: Compute ``fvd_i3d``.
         tiled: Compute ``fvd_i3d_crop224``.
         num_frames: Frames per clip (16).
-        start: First frame of the clip (0).
-        frame_stride: Step between clip frames (1).
+        fps: Effective frame rate of the clips on both sides (16; see `t3.eval.metrics.fvd`).
+        start: First frame of the clip, in frames at ``fps`` (0).
         size: Resize target / tile size (224).
         tiles_per_video: Full-resolution tiles per video for ``fvd_i3d_crop224``.
         tile_seed: Seed of the tile positions.
@@ -84,19 +88,31 @@ class FVDSettings:
     enabled: bool = True
     tiled: bool = True
     num_frames: int = 16
+    fps: float = 16.0
     start: int = 0
-    frame_stride: int = 1
     size: int = 224
     tiles_per_video: int = 4
     tile_seed: int = 0
     batch_size: int = 8
     num_features: int = I3D_NUM_FEATURES
 
+    def __post_init__(self) -> None:
+        if not self.fps > 0:
+            raise ValueError(f"metrics.fvd_i3d.fps must be > 0, got {self.fps}")
+        if self.num_frames < 1 or self.start < 0:
+            raise ValueError(
+                f"metrics.fvd_i3d.num_frames must be >= 1 and .start >= 0, got {self.num_frames}, {self.start}"
+            )
+
     def protocol(self) -> dict[str, Any]:
         return {
             "detector": "StyleGAN-V i3d_torchscript.pt (tf.hub deepmind/i3d-kinetics-400/1), Kinetics-400 logits",
             "detector_kwargs": dict(DETECTOR_KWARGS),
-            "clip": f"{self.num_frames} frames from frame {self.start}, stride {self.frame_stride}",
+            "fps": self.fps,
+            "clip": (
+                f"{self.num_frames} frames at {self.fps:g} fps from effective frame {self.start}: the video frame "
+                "nearest each clip time, at the video's own rate (generated: its content_fps)"
+            ),
             "input": "float32 [B, 3, T, H, W] in [-1, 1] (x / 127.5 - 1 of uint8 RGB)",
             "statistics": "mean and unbiased covariance (N-1), float64; torchmetrics Frechet distance",
         }
@@ -134,6 +150,7 @@ class _Video:
     path: Path
     key: list[int]  # seeds the tile positions: [prompt index, video seed, is_reference]
     prompt: str = ""
+    fps: float = 0.0  # frame rate of its content (for a generated video, not the mp4's label)
 
 
 class _FVDRun:
@@ -152,6 +169,8 @@ class _FVDRun:
         self.pending: dict[bool, list[torch.Tensor]] = {True: [], False: []}
         self.counts = {True: 0, False: 0}  # clips that entered the statistics
         self.left_out = {True: 0, False: 0}  # videos too short (or too small for the tiles)
+        # Videos that entered the statistics, by the frame rate of their content.
+        self.source_fps: dict[bool, Counter[float]] = {True: Counter(), False: Counter()}
 
     def add(self, clips: torch.Tensor, real: bool) -> None:
         self.pending[real].extend(clips)
@@ -182,8 +201,24 @@ def _reference_videos(entries: Sequence[PromptEntry], data_root: str | os.PathLi
             raise FileNotFoundError(
                 f"reference video {path} (data_file of prompt {entry.index}) does not exist under benchmark.data_root"
             )
-        refs.append(_Video(path=path, key=[entry.index, 0, 1], prompt=entry.prompt))
+        fps = video_info(path).fps
+        if not fps > 0:
+            raise ValueError(f"reference video {path}: its container gives no frame rate; FVD needs one")
+        refs.append(_Video(path=path, key=[entry.index, 0, 1], prompt=entry.prompt, fps=fps))
     return refs
+
+
+def _generated_video(job: VideoJob) -> _Video:
+    """A complete generated video, with the frame rate of its content from its record."""
+    record = completed_record(job) or {}
+    fps = record.get("content_fps")
+    if fps is None and "model" in record:  # records written before content_fps was recorded
+        fps = get_spec(record["model"]).frame_rate
+    if fps is None:
+        raise ValueError(
+            f"{job.record}: no content_fps or model; cannot tell the frame rate of {job.mp4.name}"
+        )
+    return _Video(path=job.mp4, key=[job.entry.index, job.seed, 0], prompt=job.entry.prompt, fps=float(fps))
 
 
 def _fvd_runs(
@@ -217,7 +252,9 @@ def _feed_fvd(runs: list[_FVDRun], frames: np.ndarray | None, video: _Video, rea
         if frames is None or (run.name == FVD_TILED_NAME and min(frames.shape[1:3]) < size):
             run.left_out[real] += 1
             logger.warning("%s: %s is too short or too small; left out", run.name, video.path)
-        elif run.name == FVD_NAME:
+            continue
+        run.source_fps[real][video.fps] += 1
+        if run.name == FVD_NAME:
             run.add(resized_clip(frames, size)[None], real)
         else:
             key = [run.settings.tile_seed, *video.key]
@@ -233,6 +270,11 @@ def _fvd_result(run: _FVDRun) -> MetricResult:
         "detector_path": s.weights,
         "detector_sha256": run.sha256,
         "videos_left_out": {"generated": run.left_out[False], "reference": run.left_out[True]},
+        # Videos used, by the frame rate of their content; below `fps` their clips repeat frames.
+        "source_fps": {
+            side: {f"{fps:g}": n for fps, n in sorted(run.source_fps[real].items())}
+            for side, real in (("generated", False), ("reference", True))
+        },
     }
     if run.name == FVD_NAME:
         protocol["resize"] = f"squash to {s.size}x{s.size}, bilinear with antialiasing, no crop"
@@ -336,13 +378,19 @@ def run_scoring(
     fvd = settings.fvd
     clip_scores: dict[str, float] = {}
     if fvd_runs or clip is not None:
-        generated = [
-            _Video(path=j.mp4, key=[j.entry.index, j.seed, 0], prompt=j.entry.prompt) for j in complete
-        ]
+        generated = [_generated_video(j) for j in complete]
+        slow = [v.path.name for v in (*generated, *refs) if fvd_runs and v.fps < fvd.fps]
+        if slow:
+            logger.warning(
+                "fvd: %d video(s) below metrics.fvd_i3d.fps=%g repeat frames in their clips (first: %s)",
+                len(slow), fvd.fps, slow[0],
+            )  # fmt: skip
         for real, videos in ((False, generated), (True, refs if fvd_runs else [])):
             for video in videos:
                 count = num_video_frames(video.path)
-                fvd_idx = clip_indices(count, fvd.num_frames, start=fvd.start, stride=fvd.frame_stride)
+                fvd_idx = clip_indices(
+                    count, fvd.num_frames, source_fps=video.fps, fps=fvd.fps, start=fvd.start
+                )
                 clip_idx = clip.frame_indices(count) if (clip is not None and not real) else []
                 # Decode each frame once, for every metric that needs it.
                 fvd_frames = fvd_idx if (fvd_runs and fvd_idx is not None) else []

@@ -97,6 +97,8 @@ class ModelSpec:
         patch_size: DiT patch size ``(t, h, w)`` applied to the latents.
         text_len: Number of text tokens the DiT is trained with (prompts are padded/truncated to it).
         text_dim: Text-encoder hidden size (DiT ``text_dim``).
+        frame_rate: Frames per second of the motion the model generates: the Wan release's ``sample_fps``
+            (16 for Wan2.1, 24 for Wan2.2-TI2V-5B), whatever rate an mp4 of its frames is labelled with.
     """
 
     name: str
@@ -106,6 +108,7 @@ class ModelSpec:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     text_len: int = 512
     text_dim: int = 4096
+    frame_rate: float = 16.0
 
     @property
     def dim(self) -> int:
@@ -146,6 +149,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         dit_config=MappingProxyType(DIT_PRESETS["wan2.1-t2v-1.3b"]),
         vae_channels=16,
         vae_stride=(4, 8, 8),
+        frame_rate=16.0,  # Wan2.1 wan/configs/shared_config.py: sample_fps = 16
     ),
     # Wan2.2 VAE: 48 channels, 4x16x16 compression.
     "wan2.2-ti2v-5b": ModelSpec(
@@ -153,6 +157,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         dit_config=MappingProxyType(DIT_PRESETS["wan2.2-ti2v-5b"]),
         vae_channels=48,
         vae_stride=(4, 16, 16),
+        frame_rate=24.0,  # Wan2.2 wan/configs/wan_ti2v_5B.py: sample_fps = 24
     ),
     # Tiny VAE (t3.models.tiny.tiny_vae): 4 channels, three down-sampling stages like Wan2.1.
     "tiny": ModelSpec(

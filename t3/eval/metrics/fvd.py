@@ -9,10 +9,20 @@ checked against ``metrics.fvd_i3d.sha256`` when given, and always recorded.
 
 Protocol of ``fvd_i3d`` (pinned; every value is written into ``results.json``):
 
-* clip: ``num_frames`` = 16 consecutive frames from frame ``start`` = 0 with ``frame_stride`` = 1. StyleGAN-V
-  (``fvd2048_16f``) also takes 16 consecutive frames, from the start of generated videos and at a random
-  offset in real ones; t3 starts at frame 0 on both sides so the value is deterministic. Videos shorter
-  than the clip are left out and counted, as StyleGAN-V discards short videos;
+* clip: ``num_frames`` = 16 frames at one effective frame rate ``fps`` (default 16) on both sides, from
+  effective frame ``start`` = 0. Clip frame ``k`` shows time ``(start + k) / fps`` and takes the video frame
+  nearest to it (`clip_indices`). Each video's own rate decides which frames those are: a generated video's
+  is the rate its model generates motion at (``content_fps`` in its record: Wan2.1 16, Wan2.2 24), not the
+  30 fps its mp4 is labelled with (the authors' saving protocol); a reference video's is its container's.
+  Without this, 16 consecutive frames would span 1 s of a generated Wan2.1 video but 0.53 s of a 30 fps
+  reference, and FVD would score the difference in speed. The default 16 is Wan2.1's native rate and the
+  lowest of the supported models: no generated frame is dropped or repeated for Wan2.1, and sources at
+  16 fps or more (Wan2.2's 24, references at 24-60) are only ever subsampled, never padded with repeated
+  frames (videos below ``fps`` are still used, with frames repeated, and counted). StyleGAN-V
+  (``fvd2048_16f``) takes 16 consecutive frames, from the start of generated videos and at a random offset
+  in real ones, which assumes both sides share a frame rate; t3 starts at the same time on both sides so
+  the value is deterministic. Videos shorter than the clip are left out and counted, as StyleGAN-V
+  discards short videos;
 * resize: every frame squashed to 224 x 224 (no crop; aspect ratio not kept), bilinear, as in the
   original FVD code (``tf.image.resize_bilinear`` to 224 x 224; StyleGAN-V leaves this step to the
   detector, ``resize=True``). One deliberate difference: t3 resizes with antialiasing, because from
@@ -44,9 +54,11 @@ Neither is a number from the T3 paper, which reports no FVD.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +188,35 @@ class FrechetVideoDistance(FrechetInceptionDistance):
 # --- clips ------------------------------------------------------------------------------------------------
 
 
-def clip_indices(num_frames: int, clip_frames: int, *, start: int = 0, stride: int = 1) -> list[int] | None:
-    """Frame indices of the clip ``start, start + stride, ...`` (``clip_frames`` of them), or None if too short."""
-    last = start + (clip_frames - 1) * stride
-    if last >= num_frames:
-        return None
-    return list(range(start, last + 1, stride))
+def _rate(fps: float) -> Fraction:
+    # Exact ratios for the usual rates (30000/1001 read back as 29.97...).
+    return Fraction(fps).limit_denominator(1001)
+
+
+def clip_indices(
+    num_frames: int, clip_frames: int, *, source_fps: float, fps: float, start: int = 0
+) -> list[int] | None:
+    """Frame indices of a ``clip_frames`` clip at ``fps`` effective frames per second (see the module docstring).
+
+    Clip frame ``k`` shows time ``(start + k) / fps``; it is the video frame nearest that time,
+    ``round((start + k) * source_fps / fps)`` with halves rounded up. Equal rates give ``start, start + 1, ...``;
+    a video at twice ``fps`` gives every other frame.
+
+    Args:
+        num_frames: Frames in the video.
+        clip_frames: Frames in the clip.
+        source_fps: The video's frame rate (its content's, for generated videos).
+        fps: The effective frame rate of the clip.
+        start: First clip frame, in frames at ``fps``.
+
+    Returns:
+        The indices, or None if the video is too short for the clip.
+    """
+    if not source_fps > 0 or not fps > 0:
+        raise ValueError(f"frame rates must be > 0, got source {source_fps} and clip {fps}")
+    step = _rate(source_fps) / _rate(fps)
+    indices = [math.floor((start + k) * step + Fraction(1, 2)) for k in range(clip_frames)]
+    return indices if indices[-1] < num_frames else None
 
 
 def _to_unit_range(frames: torch.Tensor) -> torch.Tensor:
