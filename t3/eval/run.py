@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from t3.attention import Schedule
 from t3.eval.generate_stage import GenerationSettings, ModelPaths, check_settings, run_generation
+from t3.eval.metrics import DoverSettings, ViClipSettings
 from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
 from t3.eval.score_stage import FVDSettings, ScoreSettings, run_scoring
 from t3.eval.speed_stage import SpeedSettings, run_speed
@@ -189,8 +190,8 @@ def _run_score(cfg: DictConfig) -> dict[str, Any]:
         clip_weights=clip.weights,
         clip_enabled=clip.enabled,
         clip_num_frames=clip.num_frames,
-        viclip_weights=m.vtc_viclip.weights,
-        dover_weights=m.vqa_dover.weights,
+        viclip=_settings(ViClipSettings, m.vtc_viclip, "metrics.vtc_viclip"),
+        dover=_settings(DoverSettings, m.vqa_dover, "metrics.vqa_dover"),
         device=m.device,
         require_complete=cfg.score.require_complete,
     )

@@ -1,12 +1,13 @@
 """The scoring stage: metrics of the generated videos (and of the references, for FVD).
 
 Reads every complete video of the run (`t3.eval.generate_stage.is_complete`) and, where the benchmark
-has a data root, the reference video named by each prompt's ``data_file``. Each video is decoded once,
-only at the frames some metric needs (decord). Writes ``results.json`` (atomically), ``results.md``
-and, when enabled, a wandb table (``eval/results``) plus one scalar per metric (``eval/<name>``).
+has a data root, the reference video named by each prompt's ``data_file``. For t3's own metrics each video
+is decoded once, only at the frames some metric needs (decord); ``vtc_viclip`` and ``vqa_dover*`` run the
+upstream code of local checkouts, which reads the mp4s itself. Writes ``results.json`` (atomically),
+``results.md`` and, when enabled, a wandb table (``eval/results``) plus one scalar per metric
+(``eval/<name>``).
 
-Metrics, their protocols and why two of them are always skipped: see `t3.eval.metrics`. None of them is
-the T3 paper's VQA or VTC.
+Metrics and their protocols: see `t3.eval.metrics`. None of them is claimed to be the T3 paper's number.
 """
 
 from __future__ import annotations
@@ -33,18 +34,22 @@ from t3.eval.generate_stage import (
     write_text_atomic,
 )
 from t3.eval.metrics import (
-    DOVER_SKIP_REASON,
     FVD_NAME,
     FVD_TILED_NAME,
     METRIC_NAMES,
-    VICLIP_SKIP_REASON,
+    VQA_DOVER_AESTHETIC_NAME,
     VQA_DOVER_NAME,
+    VQA_DOVER_TECHNICAL_NAME,
     VTC_CLIP_NAME,
     VTC_VICLIP_NAME,
     ClipConsistency,
+    DoverQuality,
+    DoverSettings,
     FrechetVideoDistance,
     I3DFeatures,
     MetricResult,
+    ViClipConsistency,
+    ViClipSettings,
     load_i3d,
     skipped,
 )
@@ -59,8 +64,9 @@ __all__ = ["FVDSettings", "ScoreSettings", "run_scoring"]
 logger = logging.getLogger(__name__)
 
 NOT_THE_PAPER = (
-    "Metrics are defined by t3 and named after their models; they are not the T3 paper's VQA/VTC numbers "
-    "(the paper does not name its models and reports no FVD)."
+    "Metrics are named after their models; none is claimed to be the T3 paper's number: the paper names "
+    "neither its VQA nor its VTC model (vqa_dover, DOVER's fused score x 100, is on its VQA scale) and "
+    "reports no FVD."
 )
 
 
@@ -127,8 +133,8 @@ class ScoreSettings:
         clip_weights: Local CLIP folder for ``vtc_clip`` (None: skipped).
         clip_enabled: Compute ``vtc_clip``.
         clip_num_frames: Frames per video for ``vtc_clip``.
-        viclip_weights: ViCLIP weights (``vtc_viclip`` is skipped either way; see `t3.eval.metrics.vtc`).
-        dover_weights: DOVER weights (``vqa_dover`` is skipped either way; see `t3.eval.metrics.vqa`).
+        viclip: ``vtc_viclip`` through a local VBench checkout (`t3.eval.metrics.vtc`).
+        dover: ``vqa_dover*`` through a local DOVER checkout (`t3.eval.metrics.vqa`).
         device: ``auto`` (CUDA if available) or a device name.
         require_complete: Refuse to score while some videos of the run are missing.
     """
@@ -137,8 +143,8 @@ class ScoreSettings:
     clip_weights: str | None = None
     clip_enabled: bool = True
     clip_num_frames: int = 8
-    viclip_weights: str | None = None
-    dover_weights: str | None = None
+    viclip: ViClipSettings = field(default_factory=ViClipSettings)
+    dover: DoverSettings = field(default_factory=DoverSettings)
     device: str = "auto"
     require_complete: bool = True
 
@@ -314,6 +320,65 @@ def _clip_scorer(
     return ClipConsistency(weights, num_frames=settings.clip_num_frames, device=device)
 
 
+def _viclip_results(
+    paths: tuple[Path, Path, Path] | str, complete: Sequence[VideoJob], device: torch.device
+) -> dict[str, MetricResult]:
+    """``vtc_viclip`` through VBench's own code, or skipped with the reason."""
+    if isinstance(paths, str):
+        return {VTC_VICLIP_NAME: skipped(VTC_VICLIP_NAME, paths)}
+    scorer = ViClipConsistency(*paths, device=device)
+    value, per_video = scorer.score([(j.mp4.name, j.mp4, j.entry.prompt) for j in complete])
+    logger.info("%s = %.4f over %d videos", VTC_VICLIP_NAME, value, len(per_video))
+    return {
+        VTC_VICLIP_NAME: MetricResult(
+            name=VTC_VICLIP_NAME,
+            value=value,
+            status="ok",
+            message="VBench overall_consistency (ViCLIP), computed by VBench's code",
+            num_generated=len(per_video),
+            protocol=scorer.protocol(),
+            per_video=per_video,
+        )
+    }
+
+
+def _dover_results(
+    paths: tuple[Path, Path] | str,
+    settings: DoverSettings,
+    complete: Sequence[VideoJob],
+    device: torch.device,
+) -> dict[str, MetricResult]:
+    """``vqa_dover`` (fused), ``vqa_dover_technical`` and ``vqa_dover_aesthetic``, or each skipped."""
+    names = {
+        "overall": VQA_DOVER_NAME,
+        "technical": VQA_DOVER_TECHNICAL_NAME,
+        "aesthetic": VQA_DOVER_AESTHETIC_NAME,
+    }
+    if isinstance(paths, str):
+        return {name: skipped(name, paths) for name in names.values()}
+    scorer = DoverQuality(*paths, config=settings.config, seed=settings.seed, device=device)
+    scores, failed = scorer.score([(j.mp4.name, j.mp4, [j.entry.index, j.seed]) for j in complete])
+    protocol = {**scorer.protocol(), "videos_failed": failed}
+    if not scores:
+        return {name: skipped(name, "DOVER could not read any video", **protocol) for name in names.values()}
+    results = {}
+    for part, name in names.items():
+        per_video = {video: s[part] for video, s in scores.items()}
+        value = float(np.mean(list(per_video.values())))
+        logger.info("%s = %.2f over %d videos", name, value, len(per_video))
+        results[name] = MetricResult(
+            name=name,
+            value=value,
+            status="ok",
+            message=f"DOVER {part} score x 100, computed by DOVER's code"
+            + (f"; {len(failed)} video(s) DOVER could not read" if failed else ""),
+            num_generated=len(per_video),
+            protocol=protocol,
+            per_video=per_video,
+        )
+    return results
+
+
 def run_scoring(
     entries: Sequence[PromptEntry],
     *,
@@ -364,16 +429,12 @@ def run_scoring(
         )
     refs = _reference_videos(entries, data_root)
     device = resolve_device(settings.device)
+    # Upstream checkouts are checked (a wrong one fails here) before any model is loaded.
+    viclip_paths, dover_paths = settings.viclip.resolve(), settings.dover.resolve()
 
     results: dict[str, MetricResult] = {}
     fvd_runs = _fvd_runs(settings.fvd, refs, device, results)
     clip = _clip_scorer(settings, device, results)
-    for name, reason, weights in (
-        (VTC_VICLIP_NAME, VICLIP_SKIP_REASON, settings.viclip_weights),
-        (VQA_DOVER_NAME, DOVER_SKIP_REASON, settings.dover_weights),
-    ):
-        given = f" (metrics.{name}.weights={weights} is not used)" if weights else ""
-        results[name] = skipped(name, reason + given)
 
     fvd = settings.fvd
     clip_scores: dict[str, float] = {}
@@ -417,6 +478,8 @@ def run_scoring(
             protocol=clip.protocol(),
             per_video=clip_scores,
         )
+    results.update(_viclip_results(viclip_paths, complete, device))
+    results.update(_dover_results(dover_paths, settings.dover, complete, device))
 
     report = {
         "benchmark": benchmark,

@@ -1,4 +1,4 @@
-"""Video-text consistency: ``vtc_clip`` (implemented) and ``vtc_viclip`` (not implemented, always skipped).
+"""Video-text consistency: ``vtc_clip`` (CLIP, in t3) and ``vtc_viclip`` (ViCLIP, through VBench's own code).
 
 The T3 paper reports a "VTC" score in [0, 1] without naming the model behind it. t3 defines its own and
 names it. These are not the paper's numbers.
@@ -18,15 +18,29 @@ names it. These are not the paper's numbers.
   ``CLIPScore`` does not work with transformers 5, so the score is computed here directly. Frames
   enter in float32.
 
-``vtc_viclip`` would use ViCLIP (InternVid's video CLIP, the model VBench scores overall consistency with). t3
-does not reimplement its architecture, so the metric is skipped even when weights are given. It is
-never replaced by ``vtc_clip``.
+``vtc_viclip`` is VBench's ``overall_consistency`` score, computed by VBench's own code from a local
+checkout of Vchitect/VBench (``metrics.vtc_viclip.repo``; nothing of VBench is copied into t3, see
+`t3.eval.metrics.upstream`) with ViCLIP's weights ``ViClip-InternVid-10M-FLT.pth``
+(``metrics.vtc_viclip.weights``) and CLIP's BPE vocabulary ``bpe_simple_vocab_16e6.txt.gz``
+(``metrics.vtc_viclip.tokenizer``; default: beside the weights, VBench's cache layout). As
+``vbench.overall_consistency.compute_overall_consistency`` does, `ViClipConsistency` builds
+``SimpleTokenizer(bpe)`` and ``ViCLIP(tokenizer=..., pretrain=weights)`` (``vbench.third_party.ViCLIP``), then
+calls ``vbench.overall_consistency.overall_consistency(model, video_dict, tokenizer, device)`` on the
+generated videos with their prompts: 8 frames per video, the middle frame of 8 equal segments (decord),
+CLIP's 224-pixel transform, ViCLIP's video embedding against its text embedding of the prompt, cosine
+similarity, mean over videos (range [-1, 1]). Written against VBench commit ``VICLIP_WRITTEN_AGAINST``; the
+checkout's commit is recorded with every score. VBench's tokenizer module looks for
+``$VBENCH_CACHE_DIR/ViCLIP/bpe_simple_vocab_16e6.txt.gz`` when imported and tries to download it if absent:
+on an offline machine keep VBench's cache layout and set ``VBENCH_CACHE_DIR``. Without the paths the metric
+is skipped; it is never replaced by ``vtc_clip``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +48,34 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
-from t3.eval.metrics.base import uniform_indices
+from t3.eval.metrics.base import sha256_file, uniform_indices
+from t3.eval.metrics.upstream import checkout_commit, checkout_paths, import_from_checkout
 
-__all__ = ["VTC_CLIP_NAME", "VTC_VICLIP_NAME", "VICLIP_SKIP_REASON", "ClipConsistency"]
+__all__ = [
+    "VICLIP_WRITTEN_AGAINST",
+    "VTC_CLIP_NAME",
+    "VTC_VICLIP_NAME",
+    "ClipConsistency",
+    "ViClipConsistency",
+    "ViClipSettings",
+]
 
 logger = logging.getLogger(__name__)
 
 VTC_CLIP_NAME = "vtc_clip"
 VTC_VICLIP_NAME = "vtc_viclip"
-VICLIP_SKIP_REASON = "not implemented faithfully (ViCLIP's architecture is not reproduced in t3), see README"
+
+#: The Vchitect/VBench commit the ViCLIP adapter was written against (entry points and their arguments).
+VICLIP_WRITTEN_AGAINST = "45e79ec14e69a2187202c675d2dbce1a71843d53"
+#: Files of the checkout the adapter calls into.
+_VBENCH_REQUIRED = (
+    "vbench/__init__.py",
+    "vbench/overall_consistency.py",
+    "vbench/third_party/ViCLIP/viclip.py",
+    "vbench/third_party/ViCLIP/simple_tokenizer.py",
+)
+#: CLIP's BPE vocabulary, as VBench names it in its cache.
+VICLIP_BPE = "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _embedding(output: Any) -> torch.Tensor:
@@ -125,4 +158,96 @@ class ClipConsistency:
             "max_text_tokens": self.max_tokens,
             "prompts_truncated": self.num_truncated,
             "score": "mean over frames of cos(image, text), then mean over videos; range [-1, 1]",
+        }
+
+
+@dataclass(frozen=True)
+class ViClipSettings:
+    """``metrics.vtc_viclip``.
+
+    Attributes:
+        enabled: Compute ``vtc_viclip``.
+        repo: Local checkout of Vchitect/VBench (None: skipped).
+        weights: ``ViClip-InternVid-10M-FLT.pth`` (None: skipped).
+        tokenizer: ``bpe_simple_vocab_16e6.txt.gz``; None: the file of that name beside ``weights``.
+    """
+
+    enabled: bool = True
+    repo: str | None = None
+    weights: str | None = None
+    tokenizer: str | None = None
+
+    def resolve(self) -> tuple[Path, Path, Path] | str:
+        """``(checkout, weights, tokenizer)`` if given and present, else the reason to skip; a checkout
+        without VBench's files is refused (one line naming the key)."""
+        if not self.enabled:
+            return f"disabled (metrics.{VTC_VICLIP_NAME}.enabled=false)"
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.weights:
+            tokenizer = str(Path(self.weights).expanduser().parent / VICLIP_BPE)
+        found = checkout_paths(
+            f"metrics.{VTC_VICLIP_NAME}",
+            self.repo,
+            _VBENCH_REQUIRED,
+            {"weights": self.weights, "tokenizer": tokenizer},
+        )
+        if isinstance(found, str):
+            return found
+        root, files = found
+        return root, files["weights"], files["tokenizer"]
+
+
+class ViClipConsistency:
+    """VBench's ViCLIP video-text consistency, computed by the upstream code of a local checkout.
+
+    Args:
+        repo: The VBench checkout.
+        weights: ``ViClip-InternVid-10M-FLT.pth``.
+        tokenizer: ``bpe_simple_vocab_16e6.txt.gz``.
+        device: Where ViCLIP runs.
+    """
+
+    def __init__(
+        self, repo: Path, weights: Path, tokenizer: Path, *, device: torch.device | str = "cpu"
+    ) -> None:
+        self.repo, self.weights, self.tokenizer_path = Path(repo), Path(weights), Path(tokenizer)
+        self.device = torch.device(device)
+        self.commit = checkout_commit(self.repo)
+        if self.commit != VICLIP_WRITTEN_AGAINST:
+            logger.warning(
+                "vtc_viclip: the VBench checkout %s is at %s; t3's adapter was written against %s",
+                self.repo, self.commit or "an unknown commit (not a git checkout)", VICLIP_WRITTEN_AGAINST,
+            )  # fmt: skip
+        modules = import_from_checkout(
+            self.repo,
+            [
+                "vbench.overall_consistency",
+                "vbench.third_party.ViCLIP.viclip",
+                "vbench.third_party.ViCLIP.simple_tokenizer",
+            ],
+        )
+        self._overall_consistency = modules["vbench.overall_consistency"].overall_consistency
+        self.tokenizer = modules["vbench.third_party.ViCLIP.simple_tokenizer"].SimpleTokenizer(
+            str(self.tokenizer_path)
+        )
+        viclip = modules["vbench.third_party.ViCLIP.viclip"].ViCLIP
+        self.model = viclip(tokenizer=self.tokenizer, pretrain=str(self.weights)).to(self.device)
+        self.weights_sha256 = sha256_file(self.weights)
+
+    def score(self, videos: Sequence[tuple[str, Path, str]]) -> tuple[float, dict[str, float]]:
+        """VBench's score of ``(name, mp4 path, prompt)`` videos: the mean and each video's value."""
+        video_dict = [{"prompt": prompt, "video_list": [str(path)]} for _, path, prompt in videos]
+        mean, per_video = self._overall_consistency(self.model, video_dict, self.tokenizer, self.device)
+        names = {str(path): name for name, path, _ in videos}
+        return float(mean), {names[r["video_path"]]: float(r["video_results"]) for r in per_video}
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "implementation": f"VBench's own code from {self.repo} (vbench.overall_consistency)",
+            "upstream_commit": self.commit,
+            "written_against": VICLIP_WRITTEN_AGAINST,
+            "weights": str(self.weights),
+            "weights_sha256": self.weights_sha256,
+            "tokenizer": str(self.tokenizer_path),
+            "score": "mean over videos of cos(ViCLIP video, ViCLIP text); 8 middle-of-segment frames; range [-1, 1]",
         }
