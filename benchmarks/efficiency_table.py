@@ -7,7 +7,10 @@ Usage::
     python benchmarks/efficiency_table.py --out DIR  # where efficiency_table.{md,csv} go
 
 Counts are exact (see `t3.attention.flops`) and need no GPU or weights: Wan2.1-T2V-1.3B and
-Wan2.2-TI2V-5B at 480p to 4K, 81 frames, batch 1, 512 text tokens, all 30 layers.
+Wan2.2-TI2V-5B at 480p to 4K, 81 frames, batch 1, 512 text tokens, all 30 layers. They count what
+text-to-video generation runs: one timestep per video for both models (Wan2.2-TI2V's per-token timesteps
+only matter for image-to-video, where the first frame is held at t = 0; `t3.generate` feeds one per video, as
+the authors' DiffSynth pipeline does without an input image), so the time embedding runs once per video.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from t3.models.presets import get_spec
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 FRAMES = 81
 TEXT_TOKENS = 512
+STEPS = 50  # the authors' protocol: 50 sampler steps with classifier-free guidance
+CFG_PASSES = 2  # conditional + unconditional DiT pass per step
 RESOLUTIONS: tuple[tuple[str, int, int], ...] = (
     ("480p", 480, 832),
     ("720p", 720, 1280),  # snapped down to 704x1280 for Wan2.2 (VAE x patch stride 32), as its pipeline does
@@ -59,7 +64,6 @@ class ModelEntry:
 
     name: str
     preset: str  # t3.models.presets name
-    per_token_timestep: bool
     schedule: str  # window-size preset, used at every resolution
     schedule_4k: str  # the authors' fixed-piece preset it reproduces at 4K
 
@@ -73,22 +77,14 @@ class ModelEntry:
 
 
 MODELS: tuple[ModelEntry, ...] = (
-    ModelEntry("Wan2.1-T2V-1.3B", "wan2.1-t2v-1.3b", False, "wan21_windows", "wan21_4k"),
-    # Wan2.2-TI2V-5B feeds one timestep per token (the first frame's tokens get t=0 in TI2V).
-    ModelEntry("Wan2.2-TI2V-5B", "wan2.2-ti2v-5b", True, "wan22_windows", "wan22_4k"),
+    ModelEntry("Wan2.1-T2V-1.3B", "wan2.1-t2v-1.3b", "wan21_windows", "wan21_4k"),
+    ModelEntry("Wan2.2-TI2V-5B", "wan2.2-ti2v-5b", "wan22_windows", "wan22_4k"),
 )
 
 
 def count(entry: ModelEntry, grid: Grid, schedule: Schedule | None, share: bool | None) -> MacBreakdown:
     """MACs of one forward of ``entry`` on ``grid``: dense (``schedule=None``) or T3."""
-    return dit_macs(
-        entry.config,
-        grid,
-        text_tokens=TEXT_TOKENS,
-        schedule=schedule,
-        share_identical=share,
-        per_token_timestep=entry.per_token_timestep,
-    )
+    return dit_macs(entry.config, grid, text_tokens=TEXT_TOKENS, schedule=schedule, share_identical=share)
 
 
 def table_rows() -> list[dict[str, Any]]:
@@ -143,8 +139,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "'both' computes the local and the dilated branch in every windowed layer (how the paper counts); "
         "'shared' computes one branch where the two partitions coincide (same output). "
         "TMAC = 10^12 multiply-accumulates (1 MAC = 2 FLOPs); padded window slots are counted, as the op "
-        "computes them. Attention = self-attention scores and weighted sum; DiT = every matmul of the forward "
-        "(Wan2.2-TI2V takes one timestep per token, so its time embedding runs once per token).",
+        "computes them. Attention = self-attention scores and weighted sum; DiT = every matmul of the forward, "
+        "with one timestep per video for both models (text-to-video: Wan2.2-TI2V's time embedding runs once per "
+        "video, not per token).",
+        "",
+        f"Every figure is one DiT pass. A video at the authors' protocol ({STEPS} steps, classifier-free "
+        f"guidance) is {STEPS * CFG_PASSES} DiT passes ({STEPS} steps x {CFG_PASSES}): multiply by "
+        f"{STEPS * CFG_PASSES} for the DiT MACs of a whole video.",
         "",
         "| Model | Res. | H x W | Grid (T,H,W) | Tokens | Attn dense (TMAC) | Attn T3 both | x | Attn T3 shared | x "
         "| DiT dense (TMAC) | DiT T3 both | x | DiT T3 shared | x |",

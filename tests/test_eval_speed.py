@@ -37,6 +37,7 @@ def test_speed_stage_measures_dense_and_t3_on_the_tiny_model(tiny_models, tmp_pa
         assert 0 < row["attention_share"] < 1
         assert row["dit_step_peak_memory_bytes"] > 0
         assert row["e2e_s"]["steps"] == 2 and row["e2e_s"]["text_encoding"] > 0 and row["e2e_s"]["decode"] > 0
+        assert row["e2e_s"]["dit_passes"] == 4  # 2 steps x 2 with CFG, stated beside the latency
     ratios = report["ratios"]["dense/wan21_windows"]
     assert {
         "dit_step_macs",
@@ -47,6 +48,7 @@ def test_speed_stage_measures_dense_and_t3_on_the_tiny_model(tiny_models, tmp_pa
     } <= set(ratios)
     table = (tmp_path / "speed" / "speed.md").read_text()
     assert "| dense |" in table and "| wan21_windows |" in table and "Device: CPU" in table
+    assert table.count(" (4 DiT passes) |") == 2
 
 
 def test_speed_macs_only_counts_4k_without_a_model(tmp_path):
@@ -66,6 +68,8 @@ def test_speed_macs_only_counts_4k_without_a_model(tmp_path):
     assert ratios["self_attention_macs"] == pytest.approx(72.8, abs=0.05)
     assert ratios["dit_step_macs"] == pytest.approx(29.8, abs=0.05)
     assert "MACs only" in speed_markdown(report)
+    assert report["setup"]["dit_passes_per_video"] == 100
+    assert "A video is 100 DiT passes (50 steps x 2 with CFG)" in speed_markdown(report)
     # The run leaves a summary.json beside speed.json for `python -m t3.report`.
     from t3.summary import read_run_summary
 

@@ -26,7 +26,7 @@ from t3.attention.flops import (
     schedule_attention_macs,
 )
 from t3.attention.plan import effective_branches
-from t3.models.presets import dit_config
+from t3.models.presets import dit_config, get_spec
 from t3.models.tiny import TINY_DIT_CONFIG
 
 WAN21 = dit_config("wan2.1-t2v-1.3b")
@@ -260,6 +260,13 @@ def test_efficiency_table_json(tmp_path, capsys, monkeypatch):
     assert row["tokens"] == 21 * 136 * 240
     assert 42.5 < row["attn_macs_dense"] / row["attn_macs_t3"] < 43.5
     assert row["attn_macs_dense"] / row["attn_macs_t3_shared"] == pytest.approx(95200 / 1307)
+    # Text-to-video feeds one timestep per video, Wan2.2-TI2V included: its time MLP runs once, not per token.
+    (wan22,) = [r for r in rows if r["model"].startswith("Wan2.2") and r["height"] == 2176]
+    config, grid = get_spec("wan2.2-ti2v-5b").dit_config, (21, 68, 120)
+    assert wan22["dit_macs_dense"] == dit_macs(config, grid, text_tokens=512).total
+    assert wan22["dit_macs_dense"] < dit_macs(config, grid, text_tokens=512, per_token_timestep=True).total
+    table = (tmp_path / "efficiency_table.md").read_text()
+    assert "is 100 DiT passes (50 steps x 2)" in table
     assert (tmp_path / "efficiency_table.md").read_text().count("| Wan2.") == 10
     assert len((tmp_path / "efficiency_table.csv").read_text().splitlines()) == 11
 

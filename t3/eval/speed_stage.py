@@ -3,14 +3,18 @@
 For each schedule (``dense`` and the run's T3 schedule) it reports
 
 * MACs of one DiT forward with the CFG batch of 2 and of all steps of a video (`t3.attention.flops.dit_macs`,
-  from shapes alone, so 4K counts run on a CPU without weights: ``speed.macs_only=true``);
+  from shapes alone, so 4K counts run on a CPU without weights: ``speed.macs_only=true``). Generation feeds
+  one timestep per video, Wan2.2-TI2V included (`t3.generate`), so the time embedding is counted once per
+  sample, not per token;
 * DiT step latency: one forward on the CFG batch (uncond + cond) at the video's latent shape;
 * attention time: the T3 op alone (`t3.attention.t3_attention`) on the same ``[2, L, heads, head_dim]``
   shapes for every layer's plan, summed over layers, and its share of the step;
 * peak memory of one DiT step (`t3.profiling.peak_memory_bytes`: CUDA allocator peak, or live tensor bytes
   on CPU);
 * end-to-end latency when the VAE and text encoder are given: text encoding (uncached), all sampler
-  steps with CFG, VAE decode.
+  steps with CFG, VAE decode, always stated with the DiT passes it took (``dit_passes``: steps x 2 with
+  CFG, run as one batched forward of 2 per step), so a latency compares with another only at the same count
+  (the paper's protocol: 50 steps x 2 = 100).
 
 Warm-up calls are excluded (``speed.warmup``), times are the median of ``speed.repeats`` calls. Every
 figure is stored with the device name, dtype, attention backend and torch version. Absolute times mean
@@ -54,6 +58,7 @@ __all__ = [
     "SpeedSettings",
     "attention_seconds",
     "count_macs",
+    "dit_passes",
     "measure_speed",
     "run_speed",
     "speed_markdown",
@@ -106,13 +111,19 @@ def _grid(spec: ModelSpec, settings: GenerationSettings) -> tuple[int, int, int]
 def count_macs(spec: ModelSpec, schedule: Schedule, settings: GenerationSettings) -> dict[str, int]:
     """MACs of one CFG-batched DiT forward and of a whole video's sampling (``steps`` forwards)."""
     breakdown = dit_macs(
-        spec.dit_config, _grid(spec, settings), text_tokens=spec.text_len, batch=CFG_BATCH, schedule=schedule
-    )
+        spec.dit_config, _grid(spec, settings), text_tokens=spec.text_len, batch=CFG_BATCH, schedule=schedule,
+        per_token_timestep=False,  # one timestep per video in text-to-video generation, Wan2.2 included
+    )  # fmt: skip
     return {
         "dit_step": breakdown.total,
         "dit_step_self_attention": breakdown.attention,
         "dit_video": breakdown.total * settings.steps,
     }
+
+
+def dit_passes(steps: int, guidance_scale: float) -> int:
+    """DiT passes of one video: ``steps x 2`` with classifier-free guidance (``guidance_scale > 1``), else ``steps``."""
+    return steps * (CFG_BATCH if guidance_scale > 1 else 1)
 
 
 def attention_seconds(
@@ -207,6 +218,7 @@ def measure_speed(
         "tokens": math.prod(grid),
         "steps": generation.steps,
         "cfg_batch": CFG_BATCH,
+        "dit_passes_per_video": dit_passes(generation.steps, generation.guidance_scale),
         "torch": torch.__version__,
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -296,6 +308,7 @@ def _e2e(gen: Any, generation: GenerationSettings, speed: SpeedSettings) -> dict
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     out = {
         "steps": steps,
+        "dit_passes": dit_passes(steps, generation.guidance_scale),
         "text_encoding": median([r.text_encoding for r in runs]),
         "denoising": median([r.denoising for r in runs]),
         "decode": median([r.decode for r in runs]),
@@ -350,6 +363,10 @@ def speed_markdown(report: dict[str, Any]) -> str:
         f"(grid {'x'.join(map(str, s['token_grid']))}, {s['tokens']:,} tokens), {s['steps']} steps, "
         f"CFG batch {s['cfg_batch']}",
         "",
+        f"A video is {s['dit_passes_per_video']} DiT passes ({s['steps']} steps"
+        + (f" x {s['cfg_batch']} with CFG" if s["dit_passes_per_video"] > s["steps"] else "")
+        + "); a DiT step is one forward on the CFG batch. End-to-end times state their own pass count.",
+        "",
     ]
     if "device" in s:
         head.append(
@@ -371,7 +388,9 @@ def speed_markdown(report: dict[str, Any]) -> str:
         share = f"{row['attention_share']:.0%}" if "attention_share" in row else "-"
         memory = _bytes(row["dit_step_peak_memory_bytes"]) if "dit_step_peak_memory_bytes" in row else "-"
         e2e = row.get("e2e_s")
-        e2e_cell = f"{e2e['total']:.2f}" if isinstance(e2e, dict) else (e2e or "-")
+        e2e_cell = (
+            f"{e2e['total']:.2f} ({e2e['dit_passes']} DiT passes)" if isinstance(e2e, dict) else (e2e or "-")
+        )
         lines.append(
             f"| {row['schedule']} | {_macs(row['macs']['dit_step'])} | "
             f"{_macs(row['macs']['dit_step_self_attention'])} | {step} | {attention} | {share} | {memory} | "
