@@ -9,9 +9,12 @@ The authors' code is a DiffSynth-Studio fork. Its Wan pipeline (``diffsynth/pipe
 * step ``i``: ``x <- x + v * (sigma_next - sigma)`` with ``sigma_next = sigma[i + 1]``, and ``0`` after the last
   step: plain first-order Euler.
 
-Checked against zhangzjn/T3-Video at commit 6bfaf713ae2179ab83af4f855fd0b70b53cf87cb, whose two files equal
+Checked against zhangzjn/T3-Video at commit 6bfaf713ae2179ab83af4f855fd0b70b53cf87cb (its
+``infer_multi_gpu.py`` calls the pipeline with these defaults), whose two files equal
 modelscope/DiffSynth-Studio's at commit 5cee326f92e9afce4084fcf9358b3bb927a34a6f where they matter (the
-scheduler file is identical). Only the facts above are taken; the code is t3's.
+scheduler file is identical; the fork ships no training script, DiffSynth-Studio's
+``examples/wanvideo/model_training/train.py`` at that commit calls ``set_timesteps(1000, training=True)``,
+see `t3.diffusion.timesteps` and `t3.diffusion.weighting`). Only the facts above are taken; the code is t3's.
 
 diffusers' ``FlowMatchEulerDiscreteScheduler`` with the same shift does not give these sigmas: it spaces ``u``
 over ``[1, shift(1 / 1000)]``, ends included, before shifting, so at 50 steps its last non-zero sigma is
