@@ -13,7 +13,11 @@ so a CPU generator gives the same sigmas whatever device the model lives on.
   ``shift_sigma(u)`` at ``u = 1, 1 - 1/N, ..., 1/N``. This is how the T3 authors' DiffSynth-Studio pipeline
   draws training timesteps (``FlowMatchScheduler.set_timesteps(1000, training=True)``, then
   ``timesteps[randint(0, 1000)]`` in ``WanVideoPipeline.training_loss``; the table is
-  `t3.diffusion.diffsynth_sigmas`, where the upstream files and commit are named).
+  `t3.diffusion.diffsynth_sigmas`, where the upstream files and commit are named). One numerical difference:
+  upstream casts the drawn timestep to its compute dtype (bfloat16) and then looks up the sigma and loss
+  weight of the table entry nearest to the rounded value, so above ``t = 512`` (bfloat16 spacing 4, table
+  spacing 0.2 to 1) it trains on fewer distinct noise levels with the same overall density; t3 keeps the
+  drawn entry itself, in float32.
 
 Use :func:`build_timestep_sampler` to construct one from a config name.
 """
