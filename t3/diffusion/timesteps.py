@@ -16,7 +16,7 @@ so a CPU generator gives the same sigmas whatever device the model lives on.
   `t3.diffusion.diffsynth_sigmas`, where the upstream files and commit are named). One numerical difference:
   upstream casts the drawn timestep to its compute dtype (bfloat16) and then looks up the sigma and loss
   weight of the table entry nearest to the rounded value, so above ``t = 512`` (bfloat16 spacing 4, table
-  spacing 0.2 to 1) it trains on fewer distinct noise levels with the same overall density; t3 keeps the
+  spacing 0.2 to 1.8) it trains on fewer distinct noise levels with the same overall density; t3 keeps the
   drawn entry itself, in float32.
 
 Use :func:`build_timestep_sampler` to construct one from a config name.
