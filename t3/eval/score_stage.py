@@ -328,18 +328,8 @@ def _viclip_results(
         return {VTC_VICLIP_NAME: skipped(VTC_VICLIP_NAME, paths)}
     scorer = ViClipConsistency(*paths, device=device)
     value, per_video = scorer.score([(j.mp4.name, j.mp4, j.entry.prompt) for j in complete])
-    logger.info("%s = %.4f over %d videos", VTC_VICLIP_NAME, value, len(per_video))
-    return {
-        VTC_VICLIP_NAME: MetricResult(
-            name=VTC_VICLIP_NAME,
-            value=value,
-            status="ok",
-            message="VBench overall_consistency (ViCLIP), computed by VBench's code",
-            num_generated=len(per_video),
-            protocol=scorer.protocol(),
-            per_video=per_video,
-        )
-    }
+    message = "VBench overall_consistency (ViCLIP), computed by VBench's code"
+    return {VTC_VICLIP_NAME: _per_video_result(VTC_VICLIP_NAME, value, per_video, message, scorer.protocol())}
 
 
 def _dover_results(
@@ -364,19 +354,23 @@ def _dover_results(
     results = {}
     for part, name in names.items():
         per_video = {video: s[part] for video, s in scores.items()}
-        value = float(np.mean(list(per_video.values())))
-        logger.info("%s = %.2f over %d videos", name, value, len(per_video))
-        results[name] = MetricResult(
-            name=name,
-            value=value,
-            status="ok",
-            message=f"DOVER {part} score x 100, computed by DOVER's code"
-            + (f"; {len(failed)} video(s) DOVER could not read" if failed else ""),
-            num_generated=len(per_video),
-            protocol=protocol,
-            per_video=per_video,
+        message = f"DOVER {part} score x 100, computed by DOVER's code" + (
+            f"; {len(failed)} video(s) DOVER could not read" if failed else ""
         )
+        value = float(np.mean(list(per_video.values())))
+        results[name] = _per_video_result(name, value, per_video, message, protocol)
     return results
+
+
+def _per_video_result(
+    name: str, value: float, per_video: dict[str, float], message: str, protocol: dict[str, Any]
+) -> MetricResult:
+    """A computed no-reference metric: its mean ``value`` over the videos of ``per_video``."""
+    logger.info("%s = %.4f over %d videos", name, value, len(per_video))
+    return MetricResult(
+        name=name, value=value, status="ok", message=message, num_generated=len(per_video),
+        protocol=protocol, per_video=per_video,
+    )  # fmt: skip
 
 
 def run_scoring(
@@ -467,17 +461,10 @@ def run_scoring(
     for run in fvd_runs:
         results[run.name] = _fvd_result(run)
     if clip is not None:
-        value = float(clip.mean.compute())
-        logger.info("%s = %.4f over %d videos", VTC_CLIP_NAME, value, len(clip_scores))
-        results[VTC_CLIP_NAME] = MetricResult(
-            name=VTC_CLIP_NAME,
-            value=value,
-            status="ok",
-            message="CLIP cosine similarity, not the paper's VTC",
-            num_generated=len(clip_scores),
-            protocol=clip.protocol(),
-            per_video=clip_scores,
-        )
+        results[VTC_CLIP_NAME] = _per_video_result(
+            VTC_CLIP_NAME, float(clip.mean.compute()), clip_scores, "CLIP cosine similarity, not the paper's VTC",
+            clip.protocol(),
+        )  # fmt: skip
     results.update(_viclip_results(viclip_paths, complete, device))
     results.update(_dover_results(dover_paths, settings.dover, complete, device))
 

@@ -11,7 +11,8 @@ code, so t3 carries no copy of either: the user points a config key at a checkou
   each one really comes from the checkout (an installed package of the same name would shadow it);
 * `load_script` imports an upstream script (a file with an ``if __name__ == "__main__"`` block) as a module,
   for the helper functions it defines;
-* `checkout_commit` is the commit the checkout is at, recorded with every score.
+* `checkout_commit` is the commit the checkout is at, recorded with every score; `upstream_commit` also
+  warns when it is not the commit the adapter was written against.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["checkout_commit", "checkout_paths", "import_from_checkout", "load_script"]
+__all__ = ["checkout_commit", "checkout_paths", "import_from_checkout", "load_script", "upstream_commit"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +142,14 @@ def checkout_commit(root: Path) -> str | None:
     if done.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root.resolve():
         return None
     return lines[1]
+
+
+def upstream_commit(metric: str, root: Path, written_against: str) -> str | None:
+    """`checkout_commit` of ``root``, with a warning when it is not ``written_against``."""
+    commit = checkout_commit(root)
+    if commit != written_against:
+        logger.warning(
+            "%s: the checkout %s is at %s; t3's adapter was written against %s",
+            metric, root, commit or "an unknown commit (not a git checkout)", written_against,
+        )  # fmt: skip
+    return commit

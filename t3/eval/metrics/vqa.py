@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from t3.eval.metrics.base import sha256_file
-from t3.eval.metrics.upstream import checkout_commit, checkout_paths, import_from_checkout, load_script
+from t3.eval.metrics.upstream import checkout_paths, import_from_checkout, load_script, upstream_commit
 
 __all__ = [
     "DOVER_WRITTEN_AGAINST",
@@ -154,12 +154,7 @@ class DoverQuality:
 
         self.repo, self.weights, self.seed = Path(repo), Path(weights), int(seed)
         self.device = torch.device(device)
-        self.commit = checkout_commit(self.repo)
-        if self.commit != DOVER_WRITTEN_AGAINST:
-            logger.warning(
-                "vqa_dover: the DOVER checkout %s is at %s; t3's adapter was written against %s",
-                self.repo, self.commit or "an unknown commit (not a git checkout)", DOVER_WRITTEN_AGAINST,
-            )  # fmt: skip
+        self.commit = upstream_commit(VQA_DOVER_NAME, self.repo, DOVER_WRITTEN_AGAINST)
         self.opt = yaml.safe_load((self.repo / config).read_text(encoding="utf-8"))
         modules = import_from_checkout(self.repo, ["dover.models", "dover.datasets"])
         self._dataset_cls = modules["dover.datasets"].ViewDecompositionDataset

@@ -49,7 +49,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from t3.eval.metrics.base import sha256_file, uniform_indices
-from t3.eval.metrics.upstream import checkout_commit, checkout_paths, import_from_checkout
+from t3.eval.metrics.upstream import checkout_paths, import_from_checkout, upstream_commit
 
 __all__ = [
     "VICLIP_WRITTEN_AGAINST",
@@ -212,12 +212,7 @@ class ViClipConsistency:
     ) -> None:
         self.repo, self.weights, self.tokenizer_path = Path(repo), Path(weights), Path(tokenizer)
         self.device = torch.device(device)
-        self.commit = checkout_commit(self.repo)
-        if self.commit != VICLIP_WRITTEN_AGAINST:
-            logger.warning(
-                "vtc_viclip: the VBench checkout %s is at %s; t3's adapter was written against %s",
-                self.repo, self.commit or "an unknown commit (not a git checkout)", VICLIP_WRITTEN_AGAINST,
-            )  # fmt: skip
+        self.commit = upstream_commit(VTC_VICLIP_NAME, self.repo, VICLIP_WRITTEN_AGAINST)
         modules = import_from_checkout(
             self.repo,
             [
