@@ -5,6 +5,8 @@ otherwise. A video is encoded under a temporary name in the destination folder a
 `os.replace` only once complete, so an interrupted run never leaves a truncated mp4 that looks finished.
 
 Reading uses decord (fast, frame-accurate) and falls back to PyAV if decord cannot open the file.
+Both are imported only where a file is read or written, so that generation to latents and the GPU
+kit (benchmarks/gpu/) run where they are not installed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -51,6 +52,8 @@ class VideoInfo:
 @functools.lru_cache(maxsize=1)
 def available_encoder() -> str:
     """The first encoder of `ENCODERS` this PyAV build can write with."""
+    import av
+
     for name in ENCODERS:
         try:
             av.codec.Codec(name, "w")
@@ -125,6 +128,8 @@ def write_video(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        import av
+
         # The temporary name does not end in .mp4, so the container format is named explicitly.
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
@@ -166,6 +171,8 @@ def _read_with_decord(path: Path) -> np.ndarray:
 
 
 def _read_with_pyav(path: Path) -> np.ndarray:
+    import av
+
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise VideoIOError(f"video {path} has no video stream")
@@ -209,6 +216,8 @@ def video_info(path: str | os.PathLike) -> VideoInfo:
         FileNotFoundError: If ``path`` does not exist.
         VideoIOError: If the file is not a readable video.
     """
+    import av
+
     path = Path(path)
     _check_readable(path)
     try:

@@ -305,7 +305,7 @@ def test_pyav_fallback_reads_the_same_frames(tmp_path, monkeypatch):
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    import t3.video_io as vio
+    import av
 
     target = tmp_path / "clip.mp4"
     target.write_bytes(b"previous complete video")
@@ -313,7 +313,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(vio.av.VideoFrame, "from_ndarray", failing)
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing)
     with pytest.raises(VideoIOError, match="clip.mp4.*disk full"):
         write_video(target, gradient_video(), fps=12)
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]

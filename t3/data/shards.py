@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import webdataset as wds
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
@@ -61,8 +60,19 @@ from t3.data.video import Clip, ClipError, read_clip
 from t3.io import write_text_atomic
 
 if TYPE_CHECKING:
+    import webdataset as wds
+
     from t3.models.presets import ModelSpec
     from t3.models.text_encoder import PromptEmbeddingCache
+
+
+def _webdataset():
+    """webdataset, imported only where shards are read or written, so that training from other sources
+    (synthetic data) also runs where it is not installed (the GPU kit's machine: benchmarks/gpu/)."""
+    import webdataset
+
+    return webdataset
+
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -368,6 +378,7 @@ def write_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    wds = _webdataset()
     # verbose=0: ShardWriter would otherwise print one line per shard.
     with wds.ShardWriter(
         str(out_dir / pattern),
@@ -429,7 +440,7 @@ def list_shards(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) ->
         if not shards:
             raise FileNotFoundError(f"no .tar shards in {source}")
         return shards
-    return wds.shardlists.expand_urls(source)
+    return _webdataset().shardlists.expand_urls(source)
 
 
 def read_manifest(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, Any]:
@@ -535,6 +546,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
             yield sample
 
     def _pipeline(self) -> wds.DataPipeline:
+        wds = _webdataset()
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
         readers = (world_size if self.split_by_node else 1) * (num_workers if self.split_by_worker else 1)
         if len(self.urls) < readers:
@@ -573,7 +585,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
             finished = True
         finally:
             # Also when the consumer stops early (a step cap per epoch), so skips are always reported.
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            rank, _, worker, _ = _webdataset().utils.pytorch_worker_info()
             what = "batches" if self.batch_size else "samples"
             end = "" if finished else " (stopped early)"
             self.skips.log_summary(f"epoch {self.epoch} (rank {rank}, worker {worker}): {count} {what}{end}")
@@ -999,7 +1011,7 @@ def _prepare_chunk(
     samples = 0
     # One ShardWriter per chunk, limited to one shard: the chunk index names the shard, which makes resuming
     # a matter of checking which shards exist. It writes under a hidden temporary name, renamed when done.
-    writer = wds.ShardWriter(
+    writer = _webdataset().ShardWriter(
         str(shard.parent / ".shard-%06d.tar.tmp"),
         start_shard=chunk_index,
         maxcount=len(chunk) + 1,
