@@ -110,6 +110,22 @@ def test_forward_bfloat16_within_twice_pytorch_error(grid, plan, branches):
     assert err <= 2 * pt_err + 1e-3, (err, pt_err)
 
 
+@pytest.mark.parametrize(("grid", "plan"), CASES[:3])
+def test_under_bf16_autocast_runs_in_bf16_like_sdpa(grid, plan):
+    # bf16-mixed training (Lightning's autocast over float32 weights): the DiT hands float32 q, k
+    # (RMSNorm keeps its weight's dtype) and a bf16 v. SDPA casts all three to bf16 and returns bf16;
+    # T3 attention must do the same, forward and backward.
+    L = grid[0] * grid[1] * grid[2]
+    q, k, v = qkv(1, L, 2, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = t3_attention(q, k, v.bfloat16(), grid, plan, backend="sdpa")
+        ref = t3_attention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid, plan)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
+
+
 @pytest.mark.parametrize(("grid", "plan"), CASES[:5])
 @pytest.mark.parametrize("branches", BRANCH_SETS)
 def test_gradients_match_reference_float64(grid, plan, branches):

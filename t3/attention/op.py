@@ -47,7 +47,8 @@ def t3_attention(
         layer: layer index, only used to name the layer in error messages.
 
     Returns:
-        ``[B, L, N, D]`` with ``q``'s dtype.
+        ``[B, L, N, D]`` with ``q``'s dtype, or the autocast dtype under autocast (as
+        ``F.scaled_dot_product_attention``).
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -59,6 +60,12 @@ def t3_attention(
     if T * H * W != q.shape[1]:
         raise ValueError(f"grid {grid} has {T * H * W} tokens but q has {q.shape[1]}")
     plan.check(grid, layer=layer)
+    if torch.is_autocast_enabled(q.device.type):
+        # Under autocast (bf16-mixed training) attention is a lower-precision op, as SDPA is; the
+        # inputs may differ in dtype (a DiT's RMSNorm keeps q, k in float32). Cast once here, so that
+        # the grouped copies and the output are in the autocast dtype too.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     computed = effective_branches(plan, grid, branches, share_identical)
     kernel = KERNELS[choose_backend(backend, q)]
     resolve_tokens_per_call(tokens_per_call, q.device)  # a bad value fails before any work
