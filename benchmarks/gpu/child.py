@@ -13,6 +13,9 @@ if "--cpu" in sys.argv[1:]:
     block_absent_imports()
 
 import logging  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -22,7 +25,20 @@ import benchmarks.gpu.checks  # noqa: E402, F401  (registers the checks)
 from benchmarks.gpu.registry import CHECKS, Context, append_record  # noqa: E402
 
 
+def _exit_with_the_kit() -> None:
+    """End this process if the kit that started it dies (killed outright, it could not stop us)."""
+    kit = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == kit:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
+    _exit_with_the_kit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name, out, run_id = argv[:3]
     cpu, tiny = "--cpu" in argv[3:], "--tiny" in argv[3:]

@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cpu", action="store_true", help="run on the CPU (imports absent on the GPU machine blocked)"
     )
     parser.add_argument("--tiny", action="store_true", help="test-sized shapes: every check in seconds")
-    parser.add_argument("--only", help="comma-separated checks to run (default: all, in order)")
+    parser.add_argument(
+        "--only", help="comma-separated checks to run, after 'environment' (default: all, in order)"
+    )
     parser.add_argument("--skip", help="comma-separated checks to leave out")
     parser.add_argument(
         "--budget", action="append", default=[], metavar="NAME=SECONDS", help="a check's budget"
@@ -102,7 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--total-budget {args.total_budget}: expected seconds > 0")
     args.budgets = _budgets(args.budget)
     skip = set(_names(args.skip, "--skip"))
-    args.checks = [n for n in (_names(args.only, "--only") or list(CHECKS)) if n not in skip]
+    # The environment (device, versions, date) goes with every run's figures: always first.
+    only = _names(args.only, "--only")
+    only = ["environment", *(n for n in only if n != "environment")] if only else list(CHECKS)
+    args.checks = [n for n in only if n not in skip]
     existing = [
         p.name for p in (args.out / RESULTS_NAME, args.out / SUMMARY_NAME, args.out / LOG_NAME) if p.exists()
     ]
@@ -114,6 +119,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- the parent: all checks under budgets -----------------------------------------------------------------
+
+
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Stopped from outside (the device tool's timeout, Ctrl-C): end the running check first."""
+    for proc in list(_RUNNING):
+        _stop(proc)
+    raise SystemExit(128 + signum)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -142,14 +157,17 @@ def _run_check(check: Check, budget: float, args: argparse.Namespace, run_id: st
             f"\n===== {check.name} (budget {budget:.0f} s) {datetime.datetime.now(datetime.UTC):%H:%M:%S} UTC\n"
         )
         log.flush()
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        # Its own process group (not session), so that its subprocesses (pytest) end with it, and
+        # anything left ends with the command that started the kit.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
+        _RUNNING.add(proc)
         try:
             code = proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
             _stop(proc)
             return "timeout", f"stopped at its budget of {budget:.0f} s; rows above were measured before"
+        finally:
+            _RUNNING.discard(proc)
     if code == 0:
         return "ok", ""
     errors = [
@@ -159,6 +177,8 @@ def _run_check(check: Check, budget: float, args: argparse.Namespace, run_id: st
 
 
 def run(args: argparse.Namespace) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     started = args.started_at or time.time()
     deadline = started + args.total_budget - END_MARGIN_S
     run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
@@ -180,19 +200,17 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     write_summary(args.out, run_id)
-    all_ok = True
+    all_ok, blocked = True, ""
     for name in args.checks:
         check = CHECKS[name]
         left = deadline - time.time()
         needed = TINY_MIN_S if args.tiny else check.min_s
         record = {"run": run_id, "kind": "status", "check": name, "title": check.title}
-        if left < needed:
-            status, detail, elapsed, budget = (
-                "skipped",
-                f"{max(left, 0):.0f} s left of the total budget, needs {needed:.0f} s",
-                0.0,
-                None,
-            )
+        elapsed, budget = 0.0, None
+        if blocked:
+            status, detail = "skipped", blocked
+        elif left < needed:
+            status, detail = "skipped", f"{max(left, 0):.0f} s left of the total budget, needs {needed:.0f} s"
         else:
             budget = min(budgets[name], left)
             append_record(args.out, {**record, "status": "running", "budget_s": round(budget, 1)})
@@ -201,25 +219,16 @@ def run(args: argparse.Namespace) -> int:
             status, detail = _run_check(check, budget, args, run_id)
             elapsed = time.time() - begin
             if name == "environment" and status != "ok":
-                detail += "; the remaining checks were not run"
+                blocked = "the environment check did not pass"
         append_record(
             args.out,
-            {
-                **record,
-                "status": status,
-                "detail": detail,
-                "elapsed_s": round(elapsed, 1),
-                "budget_s": budget and round(budget, 1),
-            },
-        )
+            {**record, "status": status, "detail": detail, "elapsed_s": round(elapsed, 1),
+             "budget_s": None if budget is None else round(budget, 1)},
+        )  # fmt: skip
         write_summary(args.out, run_id)
         all_ok &= status == "ok"
-        print(
-            f"[{time.time() - started:5.0f} s] {name}: {status} in {elapsed:.1f} s {detail}".rstrip(),
-            flush=True,
-        )
-        if name == "environment" and status != "ok":
-            break
+        progress = f"[{time.time() - started:5.0f} s] {name}: {status} in {elapsed:.1f} s {detail}"
+        print(progress.rstrip(), flush=True)
     append_record(args.out, {"run": run_id, "kind": "end", "elapsed_s": round(time.time() - started, 1)})
     summary = write_summary(args.out, run_id)
     print(summary.read_text(), flush=True)

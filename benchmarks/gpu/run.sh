@@ -18,6 +18,8 @@ if [[ -z $out ]]; then
     echo "run.sh: give OUT_DIR or set \$OUT" >&2
     exit 2
 fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd) # absolute: the kit runs from the repository root
 python=${PYTHON:-python3}
 wheels=${T3_KIT_WHEELS:-$repo/.whl}
 site=${T3_KIT_SITE:-/tmp/t3-kit-site}
