@@ -1,8 +1,10 @@
 """The kit's checks, in the order they run: one decorated function each (see `benchmarks.gpu.registry`).
 
 Everything runs on random weights, in bfloat16 on the GPU (float32 on CPU), batch 1. Budgets are
-wall-clock seconds on one H200, process start and imports included (second figure: ``--tiny`` on a
-2-core CPU); together they fit the kit's 8-minute total, and `dit_wan22` runs last on what is left.
+wall-clock seconds on one H200, process start and imports included. They were sized before any GPU
+run, from each check's FLOPs at an assumed 300-400 TFLOP/s for bf16 attention (the dense 4K
+attention calls dominate: about 2.9 PFLOP per forward), with a third to spare; together they fit
+the kit's 8-minute total, and `dit_wan22` runs last on what is left.
 Where a full-size call costs tens of seconds (dense attention at 4K) it is timed once, after a
 warm-up at a smaller size, and the rows say so.
 """
@@ -114,7 +116,7 @@ def _driver() -> str | None:
     return smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
 
 
-@check(budget_s=30, tiny_budget_s=60, min_s=5)
+@check(budget_s=30, min_s=5)
 def environment(ctx: Context) -> None:
     """Device, torch, CUDA and package versions of this run."""
     from t3.attention import flash_available
@@ -164,7 +166,7 @@ def _junit_cases(path: Path) -> list[dict[str, Any]]:
     return cases
 
 
-@check(budget_s=45, tiny_budget_s=120, min_s=15)
+@check(budget_s=45, min_s=15)
 def pytest_gpu(ctx: Context) -> None:
     """`pytest -m gpu`: the tests that need a CUDA device (flash-attn ones skip, with the reason, where it is absent)."""
     files = sorted(
@@ -191,7 +193,7 @@ def pytest_gpu(ctx: Context) -> None:
 # --- 2. attention -----------------------------------------------------------------------------------------
 
 
-@check(budget_s=110, tiny_budget_s=120, min_s=30)
+@check(budget_s=110, min_s=30)
 def attention(ctx: Context) -> None:
     """Attention: dense SDPA vs T3 vs the straightforward T3, every Wan2.1 4K plan, forward and forward+backward."""
     from benchmarks.attention import dense, training_step
@@ -395,7 +397,7 @@ def _dit_forward(ctx: Context, experiment: str, *, dense_one_period: bool) -> No
         torch.cuda.empty_cache()
 
 
-@check(budget_s=140, tiny_budget_s=150, min_s=40)
+@check(budget_s=140, min_s=40)
 def dit(ctx: Context) -> None:
     """DiT: Wan2.1-1.3B forward at 720p (dense vs T3) and at 4K (T3 all blocks; dense one period, extrapolated)."""
     clock = "CUDA events" if ctx.on_gpu else "host clock readings"
@@ -410,47 +412,102 @@ def dit(ctx: Context) -> None:
 # --- 4. memory --------------------------------------------------------------------------------------------
 
 
-@check(budget_s=100, tiny_budget_s=150, min_s=40)
+@check(budget_s=100, min_s=40)
 def memory(ctx: Context) -> None:
-    """Memory: a 4K training step over one period of blocks vs the dry-run formulas; 4K inference with bounded tokens_per_call."""
+    """Memory: a training step over one period of blocks vs the dry-run formulas (1088p, 4K); 4K inference with bounded tokens_per_call."""
     from omegaconf import OmegaConf
 
     import t3
     from t3.generate import _cast_dit
-    from t3.models import get_spec
     from t3.training.optim import build_optimizer
-    from t3.training.plan import activation_memory, state_memory
 
-    s = setting("t3_4k", ctx.tiny, ["strategy=auto", "trainer.devices=1"])
-    cfg, facts = s.cfg, s.facts
-    spec, grid, period = get_spec(facts.preset), facts.grid, facts.schedule.period
+    # A quarter of the 4K tokens first (a figure even if 4K runs out of memory), then 4K.
+    sizes = [setting("t3_4k", ctx.tiny, [*MEMORY_OVERRIDES, *_quarter_size(ctx)]),
+             setting("t3_4k", ctx.tiny, MEMORY_OVERRIDES)]  # fmt: skip
+    s4k = sizes[-1]
+    facts, period = s4k.facts, s4k.facts.schedule.period
     # bf16-mixed as Lightning runs it: bf16 autocast over float32 weights (also on CPU, where the
     # test-sized run then covers the autocast path the GPU takes).
-    bf16 = "bf16" in cfg.trainer.precision
+    bf16 = "bf16" in s4k.cfg.trainer.precision
     dit = random_dit(facts.preset, ctx.device, num_layers=period)
-    t3.transform(dit, facts.schedule, backend=cfg.model.attention_backend)
     dit.enable_gradient_checkpointing()
     dit.train()
-    optimizer = build_optimizer(dit.parameters(), OmegaConf.to_object(cfg.optim))  # type: ignore[arg-type]
-    num_params = sum(p.numel() for p in dit.parameters())
-    num_trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+    optimizer = build_optimizer(dit.parameters(), OmegaConf.to_object(s4k.cfg.optim))  # type: ignore[arg-type]
+    ctx.note(
+        f"{period} of {facts.num_layers} blocks of {facts.preset} (one period of the schedule), per-block "
+        f"gradient checkpointing, float32 weights{' under bf16 autocast' if bf16 else ''}, AdamW, 1 device; "
+        f"{sum(p.numel() for p in dit.parameters()):,} parameters. Predicted: the dry-run formulas "
+        "(t3/training/plan.py: state_memory, activation_memory) for this setting. Measured peak: the "
+        "second of two steps (AdamW state exists), every live tensor (weights, AdamW, gradients, "
+        "activations, inputs)."
+    )
+    for size in sizes:
+        t3.transform(dit, size.facts.schedule, backend=size.cfg.model.attention_backend)
+        for offload in (False, True):
+            row = _training_step_memory(ctx, size, dit, optimizer, bf16=bf16, offload=offload)
+            ctx.emit("training step, one period of blocks", row)
+
+    # Inference at 4K: bf16 weights, no autograd; default vs bounded slots per attention call.
+    optimizer.state.clear()  # frees the AdamW moments
+    dit.disable_gradient_checkpointing()
+    dit.eval().requires_grad_(False)
+    if ctx.on_gpu:
+        _cast_dit(dit, torch.bfloat16)
+        torch.cuda.empty_cache()
+    inputs = _dit_inputs(s4k, ctx)
+    bound = TINY_TOKENS_PER_CALL if ctx.tiny else BOUNDED_TOKENS_PER_CALL
+    for tokens_per_call in (None, bound):
+        t3.transform(
+            dit, facts.schedule, backend=s4k.cfg.model.attention_backend, tokens_per_call=tokens_per_call
+        )
+        m = _attempt(lambda: _measure(ctx, functools.partial(_forward, dit, inputs), warmup=False))
+        ctx.emit(f"inference forward at {s4k.size}, one period of blocks", {
+            "tokens_per_call": "default" if tokens_per_call is None else tokens_per_call,
+            "peak above weights GiB": _gib(m), "forward s (1 call)": None if isinstance(m, str) else _r(m.median_s),
+        })  # fmt: skip
+
+
+# One device, as measured: Lightning's single-device strategy (the experiment's is DeepSpeed on 8 GPUs).
+MEMORY_OVERRIDES = ["strategy=auto", "trainer.devices=1"]
+
+
+def _quarter_size(ctx: Context) -> list[str]:
+    """Overrides for a quarter of the 4K tokens (grid 21x68x120; test-sized: 6x4x6)."""
+    size = ["data.height=64", "data.width=96"] if ctx.tiny else ["data.height=1088", "data.width=1920"]
+    return ["t3=wan21_windows", *size]
+
+
+def _training_step_memory(
+    ctx: Context,
+    s: Setting,
+    dit: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    bf16: bool,
+    offload: bool,
+) -> dict[str, Any]:
+    """Peak memory of one training step of ``dit`` at ``s``'s size next to the dry-run prediction."""
+    from omegaconf import OmegaConf
+
+    from t3.models import get_spec
+    from t3.training.plan import activation_memory, state_memory
+
+    facts, spec = s.facts, get_spec(s.facts.preset)
+    period = len(dit.blocks)
     weights, grads, opt_state, _ = state_memory(
-        num_params=num_params, num_trainable=num_trainable, strategy=OmegaConf.to_object(cfg.strategy),  # type: ignore[arg-type]
-        world_size=1, bf16=bf16,
+        num_params=sum(p.numel() for p in dit.parameters()),
+        num_trainable=sum(p.numel() for p in dit.parameters() if p.requires_grad),
+        strategy=OmegaConf.to_object(s.cfg.strategy), world_size=1, bf16=bf16,  # type: ignore[arg-type]
     )  # fmt: skip
-    branches = max(len(lp.computed) for lp in facts.schedule.plans(grid, period))
+    act_gpu, act_cpu = activation_memory(
+        tokens=math.prod(facts.grid), dim=spec.dim, ffn_dim=int(spec.dit_config["ffn_dim"]), num_layers=period,
+        micro_batch=1, bytes_per_value=2 if bf16 else 4, checkpointing=True, offload=offload,
+        branches=max(len(lp.computed) for lp in facts.schedule.plans(facts.grid, period)),
+    )  # fmt: skip
     inputs = {k: v.float() if v.is_floating_point() else v for k, v in _dit_inputs(s, ctx).items()}
     target = torch.randn_like(inputs["hidden_states"])
-    ctx.note(
-        f"{s.experiment} ({s.size}, grid {grid}), {period} of {facts.num_layers} blocks, schedule "
-        f"{facts.schedule.name}, per-block gradient checkpointing, float32 weights"
-        + (" under bf16 autocast" if bf16 else "")
-        + f", AdamW; {num_params:,} parameters. Predicted: t3/training/plan.py (state_memory, "
-        "activation_memory) for 1 GPU and these blocks. Measured peak: the second of two steps (AdamW "
-        "state exists), all live tensors (weights, optimizer, gradients, activations, inputs)."
-    )
 
-    def step(offload: bool) -> None:
+    def step() -> None:
         saving = (
             torch.autograd.graph.save_on_cpu(pin_memory=ctx.on_gpu) if offload else contextlib.nullcontext()
         )
@@ -461,58 +518,30 @@ def memory(ctx: Context) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for offload in (False, True):
-        act_gpu, act_cpu = activation_memory(
-            tokens=math.prod(grid), dim=spec.dim, ffn_dim=int(spec.dit_config["ffn_dim"]), num_layers=period,
-            micro_batch=1, bytes_per_value=2 if bf16 else 4, branches=branches, checkpointing=True, offload=offload,
-        )  # fmt: skip
-        predicted = weights + grads + opt_state + act_gpu
-        row: dict[str, Any] = {"activation offload": offload}
-        try:
-            step(offload)  # allocates the AdamW state
-            resident = _live_bytes(
-                ctx.device, [*dit.parameters(), *dit.buffers(), *inputs.values(), target], optimizer
-            )
-            m = _measure(ctx, functools.partial(step, offload), warmup=False)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            optimizer.zero_grad(set_to_none=True)
-            m, resident = "out of memory", None
-        measured = m if isinstance(m, str) else resident + m.peak_bytes
-        row |= {
-            "measured peak GiB": measured if isinstance(measured, str) else _r(measured / GIB),
-            "predicted GiB": _r(predicted / GIB),
-            "measured / predicted": None if isinstance(measured, str) else _r(measured / predicted),
-            "step: measured above resident GiB": None if isinstance(m, str) else _r(m.peak_gib),
-            "predicted activations + grads GiB": _r((act_gpu + grads) / GIB),
-            "resident GiB (weights, AdamW, inputs)": None if resident is None else _r(resident / GIB),
-            "predicted weights + AdamW GiB": _r((weights + opt_state) / GIB),
-            "predicted offloaded GiB": _r(act_cpu / GIB),
-            "step s": None if isinstance(m, str) else _r(m.median_s),
-        }
-        ctx.emit("training step, one period of blocks", row)
-
-    # Inference at the same size: bf16 weights, no autograd; default vs bounded slots per attention call.
-    optimizer.state.clear()  # frees the AdamW moments
-    dit.disable_gradient_checkpointing()
-    dit.eval().requires_grad_(False)
-    if ctx.on_gpu:
-        _cast_dit(dit, torch.bfloat16)
-        torch.cuda.empty_cache()
-    inputs = _dit_inputs(s, ctx)
-    bound = TINY_TOKENS_PER_CALL if ctx.tiny else BOUNDED_TOKENS_PER_CALL
-    for tokens_per_call in (None, bound):
-        t3.transform(
-            dit, facts.schedule, backend=cfg.model.attention_backend, tokens_per_call=tokens_per_call
+    try:
+        step()  # the first step allocates the AdamW state
+        resident = _live_bytes(
+            ctx.device, [*dit.parameters(), *dit.buffers(), *inputs.values(), target], optimizer
         )
-        m = _attempt(lambda: _measure(ctx, functools.partial(_forward, dit, inputs), warmup=False))
-        ctx.emit(
-            "inference forward, one period of blocks",
-            {
-                "tokens_per_call": "default" if tokens_per_call is None else tokens_per_call,
-                "peak above weights GiB": _gib(m), "forward s (1 call)": None if isinstance(m, str) else _r(m.median_s),
-            },
-        )  # fmt: skip
+        m: Measured | str = _measure(ctx, step, warmup=False)
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        m, resident = "out of memory", 0
+    predicted = weights + grads + opt_state + act_gpu
+    measured = None if isinstance(m, str) else resident + m.peak_bytes
+    return {
+        "size": s.size, "tokens": math.prod(facts.grid), "activation offload": offload,
+        "measured peak GiB": m if measured is None else _r(measured / GIB),
+        "predicted GiB": _r(predicted / GIB),
+        "measured / predicted": None if measured is None else _r(measured / predicted),
+        "step above resident GiB": None if measured is None else _r(m.peak_gib),  # type: ignore[union-attr]
+        "predicted activations + grads GiB": _r((act_gpu + grads) / GIB),
+        "resident GiB (weights, AdamW, inputs)": None if measured is None else _r(resident / GIB),
+        "predicted weights + AdamW GiB": _r((weights + opt_state) / GIB),
+        "predicted offloaded GiB": _r(act_cpu / GIB),
+        "step s": None if measured is None else _r(m.median_s),  # type: ignore[union-attr]
+    }  # fmt: skip
 
 
 def _live_bytes(device: torch.device, tensors: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
@@ -529,7 +558,7 @@ def _live_bytes(device: torch.device, tensors: list[torch.Tensor], optimizer: to
 # --- 5. Lightning -----------------------------------------------------------------------------------------
 
 
-@check(budget_s=75, tiny_budget_s=240, min_s=30)
+@check(budget_s=75, min_s=30)
 def lightning(ctx: Context) -> None:
     """Lightning: 3 training steps of the tiny model through train.py (bf16-mixed on the GPU)."""
     from t3.summary import read_run_summary
@@ -575,7 +604,7 @@ def lightning(ctx: Context) -> None:
 # --- 6. Wan2.2 (last: runs on whatever time is left) ------------------------------------------------------
 
 
-@check(budget_s=90, tiny_budget_s=150, min_s=45)
+@check(budget_s=90, min_s=45)
 def dit_wan22(ctx: Context) -> None:
     """DiT: Wan2.2-5B forward at 4K (T3 all blocks; dense one period, extrapolated), if time allows."""
     _dit_forward(ctx, "t3_4k_wan22", dense_one_period=True)

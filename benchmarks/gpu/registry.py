@@ -42,7 +42,8 @@ class Check:
         title: First line of its docstring.
         fn: ``fn(ctx)``.
         budget_s: Wall-clock seconds it may take on the GPU, process start included.
-        tiny_budget_s: The same with ``--tiny`` (test-sized shapes).
+        tiny_budget_s: The same with ``--tiny`` (test-sized shapes): a guard against hangs, sized for a
+            loaded 2-core CPU.
         min_s: Seconds below which starting it is pointless (it is skipped if less of the total is left).
     """
 
@@ -60,7 +61,7 @@ class Check:
 CHECKS: dict[str, Check] = {}
 
 
-def check(*, budget_s: float, tiny_budget_s: float = 120.0, min_s: float = 10.0) -> Callable:
+def check(*, budget_s: float, min_s: float = 10.0, tiny_budget_s: float = 300.0) -> Callable:
     """Register the decorated function as the next check (see the module docstring)."""
 
     def register(fn: Callable[[Context], None]) -> Callable[[Context], None]:
