@@ -3,13 +3,14 @@
     bash benchmarks/gpu/run.sh "$OUT"                 # on the GPU machine (installs .whl/ first)
     python -m benchmarks.gpu.kit --out DIR --cpu --tiny   # every check on test-sized shapes, CPU
 
-Each check (`benchmarks.gpu.checks`) runs in a child process (`benchmarks.gpu.child`) that the kit kills (process group,
-SIGTERM then SIGKILL) when the check's budget is spent; what it had recorded stays. A check starts
-only if the total budget leaves it at least its minimum; the kit ends before the total budget
-(measured from ``--started-at``, which ``run.sh`` sets before installing wheels). Results: ``DIR/``
-``results.jsonl`` (JSON lines, see `benchmarks.gpu.registry`), ``summary.md`` (rewritten after
-every record) and ``kit.log`` (every child's output). The summary is printed at the end. Exit
-status 0 when every check that was asked for passed, 1 otherwise, 2 for bad arguments.
+Each check (`benchmarks.gpu.checks`) runs in a child process (`benchmarks.gpu.child`) that the kit
+stops (its process group: SIGTERM, then SIGKILL) when the check's budget is spent; what it had
+recorded stays. A check starts only if the total budget leaves it at least its minimum; the kit ends
+before the total budget (measured from ``--started-at``, which ``run.sh`` sets before installing
+wheels). Results in ``DIR``: ``results.jsonl`` (JSON lines, see `benchmarks.gpu.registry`),
+``summary.md`` (rewritten after every record, printed at the end) and ``kit.log`` (every child's
+output). Exit status 0 when every check asked for passed, else 1; bad arguments fail in one line
+before anything runs.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ row)`` as soon as each result exists (so a check stopped at its budget keeps wha
 raises to fail. Each check runs in its own process, which the kit kills at the check's budget.
 
 Results are JSON lines in ``results.jsonl``, one record per line, each carrying the run id:
-``kind`` is ``row`` (a measurement: ``check``, ``table`` and its values), ``note`` (a line of text
-under a check) or ``status`` (a check's state: ``running``, ``ok``, ``failed``, ``timeout``,
-``skipped``). Each line is appended with one ``write`` and synced, so a killed writer leaves every
+``kind`` is ``run`` (mode, budgets, start; first), ``row`` (a measurement: ``check``, ``table`` and
+its values), ``note`` (a line of text under a check), ``error`` (why a check failed), ``status`` (a
+check's state: ``running``, ``ok``, ``failed``, ``timeout``, ``skipped``) or ``end`` (last). Each line is appended with one ``write`` and synced, so a killed writer leaves every
 earlier line intact; `read_records` drops a torn last line.
 """
 
