@@ -159,3 +159,46 @@ def test_prepare_rejects_sizes_the_model_cannot_take(workspace, tmp_path: Path, 
     assert _load_prepare().main(args) == 2
     assert "num_frames must be 1 + 4k" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_csv_rows_with_wrong_field_counts_or_line_breaks_are_bad_entries(tmp_path: Path, caplog):
+    (tmp_path / "list.csv").write_text(
+        "path,caption\n"
+        "a.mp4,a man in a car, talking on a phone\n"  # unquoted comma: 3 fields
+        'b.mp4,"a caption, quoted"\n'
+        'c.mp4,"a caption over\ntwo lines"\n'  # a line break inside the caption
+        "d.mp4\n"  # 1 field
+        "\n"
+        "e.mp4,the last one\n"
+    )
+    entries = read_video_list(tmp_path / "list.csv")
+    assert [(e.source, e.where) for e in entries] == [
+        ("a.mp4", "list.csv:2"), ("b.mp4", "list.csv:3"), ("c.mp4", "list.csv:4"), ("d.mp4", "list.csv:6"),
+        ("e.mp4", "list.csv:8"),
+    ]  # fmt: skip
+    assert "3 fields" in entries[0].error and "2 columns" in entries[0].error
+    assert entries[1].error is None and entries[1].caption == "a caption, quoted"
+    assert "line break" in entries[2].error and "lines 4-5" in entries[2].error
+    assert "1 field" in entries[3].error
+    assert entries[4].error is None and entries[4].caption == "the last one"
+
+    # Columns the header names beyond path,caption are not dropped silently.
+    (tmp_path / "extra.csv").write_text("path,caption,score\nx.mp4,a cat,0.9\n")
+    with caplog.at_level(logging.WARNING):
+        (entry,) = read_video_list(tmp_path / "extra.csv")
+    assert entry.error is None and "score" in caplog.text and "ignored" in caplog.text
+
+
+def test_csv_quote_running_to_the_end_fails_at_the_line_it_opened(tmp_path: Path):
+    (tmp_path / "list.csv").write_text(
+        'path,caption\na.mp4,a fox\nb.mp4,"an unclosed quote\nc.mp4,a dog\nd.mp4,a cat\n'
+    )
+    with pytest.raises(ValueError, match=r"list.csv:3: .*quote.*never closed") as err:
+        read_video_list(tmp_path / "list.csv")
+    assert "\n" not in str(err.value)
+
+
+def test_captions_with_line_breaks_are_bad_entries_in_json_lists(tmp_path: Path):
+    (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "caption": "one\\ntwo"}\n')
+    (entry,) = read_video_list(tmp_path / "list.jsonl")
+    assert "line break" in entry.error

@@ -679,16 +679,74 @@ def _as_row(item: Any) -> tuple[dict[str, Any] | None, str | None]:
     return (item, None) if isinstance(item, dict) else (None, f"not an object: {item!r:.40}")
 
 
+#: Column names a video list may use: ours, and the T3-Video prompt files' (``data_file``, ``prompt_en``).
+LIST_COLUMNS = ("path", "caption", "data_file", "prompt_en")
+
+
+def _csv_rows(list_file: Path, text: str) -> list[tuple[int, dict[str, Any] | None, str | None]]:
+    """The rows of a CSV video list as ``(line, row, error)``, checked field by field.
+
+    ``csv.DictReader`` would silently mis-read broken lines: an unquoted comma cuts the caption (the rest
+    goes to an unnamed column), and an unclosed quote swallows every following row into one caption. Here
+    a row whose field count differs from the header's, or whose caption spans lines, is kept with an
+    ``error`` (skipped later as ``bad_entry``); a quote that runs to the end of the file is fatal, naming
+    the line where it opened.
+    """
+    # strict: a quote that is never closed raises at the end of the data instead of ending the field.
+    reader = csv.reader(io.StringIO(text), strict=True)
+    rows: list[tuple[int, dict[str, Any] | None, str | None]] = []
+    header: list[str] | None = None
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            if "end of data" in str(err):  # only raised at the end of the file, inside a quoted field
+                raise ValueError(
+                    f"{list_file}:{first_line}: a quote opened on this line is never closed (it runs to the "
+                    "end of the file); close it, or quote the whole caption"
+                ) from None
+            rows.append((first_line, None, f"unparsable CSV row ({err})"))
+            continue
+        if not fields:  # a blank line
+            continue
+        if header is None:
+            header = [name.strip() for name in fields]
+            if "path" not in header and "data_file" not in header:
+                raise ValueError(f"{list_file}: CSV needs a header with columns path,caption; got {header}")
+            ignored = [name for name in header if name not in LIST_COLUMNS]
+            if ignored:
+                logger.warning("%s: columns %s are ignored (only path,caption are read)", list_file, ignored)
+            continue
+        row = dict(zip(header, fields, strict=False))  # for the path in messages, even of a bad row
+        error = None
+        if reader.line_num > first_line:
+            error = f"a line break inside a field (lines {first_line}-{reader.line_num}; an unclosed quote?)"
+        elif len(fields) != len(header):
+            error = (
+                f"{len(fields)} field{'s' * (len(fields) != 1)} but the header has {len(header)} columns "
+                "(quote captions that contain commas)"
+            )
+        rows.append((first_line, row, error))
+    if header is None:
+        raise ValueError(f"{list_file}: CSV needs a header with columns path,caption; the file is empty")
+    return rows
+
+
 def read_video_list(list_file: str | os.PathLike) -> list[VideoListEntry]:
     """Parse a video list: CSV with columns ``path,caption``, JSON lines, or a JSON array.
 
     JSON objects use ``path`` and ``caption`` (the T3-Video prompt files' ``data_file`` and ``prompt_en`` are
-    accepted too). Relative paths are relative to the list file's folder. Rows that cannot be parsed are kept
-    as entries with an ``error`` so the caller can report them in order instead of failing.
+    accepted too). Relative paths are relative to the list file's folder. Rows that cannot be used (an
+    unparsable line, a CSV row with the wrong number of fields, a caption holding a line break, no path) are
+    kept as entries with an ``error`` so the caller can report them in order instead of failing.
 
     Raises:
         FileNotFoundError: If the list file does not exist.
-        ValueError: If a CSV has no ``path`` column, a JSON file is not a list, or the list is empty.
+        ValueError: If a CSV has no ``path`` column or a quote that runs to the end of the file, a JSON file
+            is not a list, or the list is empty.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
@@ -698,13 +756,7 @@ def read_video_list(list_file: str | os.PathLike) -> list[VideoListEntry]:
     text = list_file.read_text(encoding="utf-8-sig")  # utf-8-sig: spreadsheets like to add a BOM
     suffix = list_file.suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ValueError(
-                f"{list_file}: CSV needs a header with columns path,caption; got {reader.fieldnames}"
-            )
-        for row in reader:
-            rows.append((reader.line_num, row, None))
+        rows = _csv_rows(list_file, text)
     elif suffix == ".json":
         items = json.loads(text)
         if not isinstance(items, list):
@@ -729,6 +781,8 @@ def read_video_list(list_file: str | os.PathLike) -> list[VideoListEntry]:
         row = row or {}
         source = str(row.get("path") or row.get("data_file") or "").strip()
         caption = row.get("caption", row.get("prompt_en"))
+        if error is None and isinstance(caption, str) and ("\n" in caption or "\r" in caption):
+            error = "the caption holds a line break"
         caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
         if error is None and not source:
             error = "no path"
