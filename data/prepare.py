@@ -80,14 +80,62 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from t3.data import prepare_shards, read_video_list
+    from t3.data import (
+        check_existing_settings,
+        check_prepare_arguments,
+        prepare_settings,
+        prepare_shards,
+        read_video_list,
+    )
     from t3.models import PromptEmbeddingCache, get_spec, load_text_encoder, load_vae
 
     try:
+        # Every argument is checked before any model is loaded (umT5-XXL alone takes minutes).
         spec = get_spec(args.preset)
-        spec.latent_shape(args.frames, args.height, args.width)  # fail on bad sizes before loading models
+        fps = args.fps or None
+        check_prepare_arguments(
+            spec,
+            height=args.height,
+            width=args.width,
+            frames=args.frames,
+            fps=args.fps if args.fps < 0 else fps,  # 0 means the source's rate; negative is an error
+            start=args.start,
+            max_upscale=args.max_upscale,
+            samples_per_shard=args.samples_per_shard,
+            tile_size=args.tile_size,
+            tile_stride=args.tile_stride,
+            decode_workers=args.decode_workers,
+            name=lambda key: "--" + key.replace("_", "-"),
+        )
+        if args.text_batch_size < 1:
+            raise ValueError(f"--text-batch-size={args.text_batch_size}: must be >= 1")
+        for option, path in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+            if not path.exists():
+                raise FileNotFoundError(f"{option}={path}: no such folder")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device={args.device}: not a device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device={args.device}: no CUDA device here (use --device cpu)")
         entries = read_video_list(args.videos)
-        device = torch.device(args.device)
+        # Settings that differ from existing shards in --out are refused now; the models' identities are
+        # compared once they are loaded.
+        check_existing_settings(
+            args.out,
+            prepare_settings(
+                entries,
+                spec=spec,
+                height=args.height,
+                width=args.width,
+                frames=args.frames,
+                fps=fps,
+                start=args.start,
+                max_upscale=args.max_upscale,
+                samples_per_shard=args.samples_per_shard,
+                latent_dtype=_DTYPES[args.latent_dtype],
+            ),
+        )
         text_dtype = args.text_dtype
         if text_dtype == "auto":
             text_dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -105,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             height=args.height,
             width=args.width,
             frames=args.frames,
-            fps=args.fps or None,
+            fps=fps,
             start=args.start,
             max_upscale=args.max_upscale,
             samples_per_shard=args.samples_per_shard,

@@ -202,3 +202,74 @@ def test_captions_with_line_breaks_are_bad_entries_in_json_lists(tmp_path: Path)
     (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "caption": "one\\ntwo"}\n')
     (entry,) = read_video_list(tmp_path / "list.jsonl")
     assert "line break" in entry.error
+
+
+def _no_models(monkeypatch) -> None:
+    """Make loading any model fail loudly: argument checks must come first."""
+    import t3.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(t3.models, "load_vae", refuse)
+    monkeypatch.setattr(t3.models, "load_text_encoder", refuse)
+
+
+@pytest.mark.parametrize(
+    "option,value,words",
+    [
+        ("--fps", "-1", "--fps=-1.0"),
+        ("--frames", "0", "--frames=0"),
+        ("--frames", "-3", "--frames=-3"),
+        ("--height", "0", "--height=0"),
+        ("--start", "-2", "--start=-2.0"),
+        ("--max-upscale", "0.5", "--max-upscale=0.5"),
+        ("--samples-per-shard", "0", "--samples-per-shard=0"),
+        ("--tile-size", "0", "--tile-size=0"),
+        ("--decode-workers", "-1", "--decode-workers=-1"),
+        ("--text-batch-size", "0", "--text-batch-size=0"),
+        ("--vae", "/nonexistent/vae", "--vae=/nonexistent/vae"),
+    ],
+)
+def test_prepare_checks_every_argument_before_loading_models(
+    workspace, tmp_path: Path, caplog, monkeypatch, option, value, words
+):
+    _no_models(monkeypatch)
+    args = _args(workspace, tmp_path / "out")
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    with caplog.at_level(logging.ERROR):
+        assert _load_prepare().main(args) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and words in errors[0] and "\n" not in errors[0], errors
+    assert not (tmp_path / "out" / "prepare_config.json").exists()
+
+
+def test_settings_file_is_written_with_the_first_finished_shard(
+    workspace, tmp_path: Path, monkeypatch, caplog
+):
+    import t3.models.vae
+
+    out = tmp_path / "shards"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while encoding")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(t3.models.vae, "encode_video", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            _load_prepare().main(_args(workspace, out))
+    assert not (out / "prepare_config.json").exists()  # nothing finished: nothing to protect
+
+    # So a corrected command is not refused; once a shard exists, other settings are refused before any
+    # model is loaded.
+    args = _args(workspace, out)
+    args[args.index("--frames") + 1] = "9"
+    assert _load_prepare().main(args) == 0
+    assert json.loads((out / "prepare_config.json").read_text())["frames"] == 9
+    _no_models(monkeypatch)
+    caplog.clear()
+    assert _load_prepare().main(_args(workspace, out)) == 2
+    assert "frames=9" in caplog.text

@@ -44,7 +44,7 @@ import logging
 import os
 import random
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +83,13 @@ __all__ = [
     "PrepareResult",
     "VideoListEntry",
     "build_latent_dataset",
+    "check_existing_settings",
+    "check_prepare_arguments",
     "decode_sample",
     "encode_sample",
     "list_shards",
     "module_fingerprint",
+    "prepare_settings",
     "prepare_shards",
     "read_manifest",
     "read_video_list",
@@ -815,19 +818,124 @@ def _write_json_atomic(path: Path, data: Any, *, lines: bool = False) -> None:
     write_text_atomic(path, text)
 
 
-def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix shards made with different settings in one folder (resuming would silently do so)."""
-    file = out_dir / "prepare_config.json"
-    if file.is_file():
-        old = json.loads(file.read_text())
-        for key, value in settings.items():
-            if old.get(key) != value:
-                raise ValueError(
-                    f"{file}: existing shards were made with {key}={old.get(key)!r}, now {value!r}; "
-                    "use another --out folder or delete this one"
-                )
+#: The settings file of a shard folder: written with its first finished shard, compared on every rerun.
+SETTINGS_FILE = "prepare_config.json"
+
+
+def check_prepare_arguments(
+    spec: ModelSpec,
+    *,
+    height: int,
+    width: int,
+    frames: int,
+    fps: float | None,
+    start: float = 0.0,
+    max_upscale: float = 1.0,
+    samples_per_shard: int = 64,
+    tile_size: int | None = None,
+    tile_stride: int | None = None,
+    decode_workers: int = 2,
+    name: Callable[[str], str] = str,
+) -> tuple[int, int, int, int]:
+    """Check the settings of :func:`prepare_shards` from their values alone, before any model is loaded.
+
+    Args:
+        spec: Model preset the shards are for.
+        name: Spells an argument name in messages (``data/prepare.py`` gives ``--max-upscale``).
+        Others: As in :func:`prepare_shards`.
+
+    Returns:
+        The latent shape ``[C, T', H', W']`` of one clip.
+
+    Raises:
+        ValueError: One line naming the first bad argument, its value and what is accepted.
+    """
+
+    def fail(key: str, value: Any, accepted: str) -> ValueError:
+        return ValueError(f"{name(key)}={value}: {accepted}")
+
+    for key, value in (("height", height), ("width", width), ("frames", frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise fail(key, value, "must be a positive integer")
+    try:
+        latent_shape = spec.latent_shape(frames, height, width)
+        spec.token_grid(latent_shape)
+    except ValueError as err:
+        size = f"{name('height')}={height} {name('width')}={width} {name('frames')}={frames}"
+        raise ValueError(f"{size}: {err}") from None
+    if fps is not None and not fps > 0:
+        raise fail("fps", fps, "must be > 0 (or unset/0: the source's own rate)")
+    if not start >= 0:
+        raise fail("start", start, "must be >= 0 seconds")
+    if not max_upscale >= 1:
+        raise fail("max_upscale", max_upscale, "must be >= 1 (1: never upscale; smaller videos are skipped)")
+    if samples_per_shard < 1:
+        raise fail("samples_per_shard", samples_per_shard, "must be >= 1")
+    for key, value in (("tile_size", tile_size), ("tile_stride", tile_stride)):
+        if value is not None and value < 1:
+            raise fail(key, value, "must be a positive number of pixels")
+    if tile_size is not None and tile_stride is not None and tile_stride > tile_size:
+        raise fail(
+            "tile_stride",
+            tile_stride,
+            f"must be <= {name('tile_size')}={tile_size} (tiles must overlap or touch)",
+        )
+    if decode_workers < 0:
+        raise fail("decode_workers", decode_workers, "must be >= 0 (0 decodes in the main thread)")
+    return latent_shape
+
+
+def prepare_settings(
+    entries: Sequence[VideoListEntry],
+    *,
+    spec: ModelSpec,
+    height: int,
+    width: int,
+    frames: int,
+    fps: float | None,
+    start: float = 0.0,
+    max_upscale: float = 1.0,
+    samples_per_shard: int = 64,
+    latent_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The settings that fix the content of a shard folder, except the models' identities (which need them
+    loaded): a rerun into the folder must match them (:func:`check_existing_settings`)."""
+    listing = hashlib.sha256(json.dumps([[e.source, e.caption] for e in entries]).encode()).hexdigest()[:16]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "inputs": listing,
+        "num_inputs": len(entries),
+        "preset": spec.name,
+        "height": height,
+        "width": width,
+        "frames": frames,
+        "fps": fps,
+        "start": start,
+        "max_upscale": max_upscale,
+        "samples_per_shard": samples_per_shard,
+        "latent_dtype": str(latent_dtype).removeprefix("torch."),
+    }
+
+
+def check_existing_settings(out_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Refuse to mix shards made with different settings in one folder (resuming would silently do so).
+
+    Compares the keys of ``settings`` with the folder's ``prepare_config.json``, if it has one (the file is
+    written with the first finished shard, so a folder without shards accepts any settings).
+
+    Raises:
+        ValueError: Naming the first setting that differs.
+    """
+    file = Path(out_dir) / SETTINGS_FILE
+    if not file.is_file():
         return
-    _write_json_atomic(file, settings)
+    old = json.loads(file.read_text())
+    for key, value in settings.items():
+        if old.get(key) != value:
+            raise ValueError(
+                f"{file}: existing shards were made with {key}={old.get(key)!r}, now {value!r}; "
+                "use another --out folder or delete this one"
+            )
 
 
 def _decoded_clips(
@@ -917,37 +1025,53 @@ def prepare_shards(
         ValueError: If the settings do not fit the preset or differ from those of existing shards in
             ``out_dir``.
     """
-    latent_shape = spec.latent_shape(frames, height, width)  # raises for sizes the model cannot take
+    latent_shape = check_prepare_arguments(
+        spec,
+        height=height,
+        width=width,
+        frames=frames,
+        fps=fps,
+        start=start,
+        max_upscale=max_upscale,
+        samples_per_shard=samples_per_shard,
+        tile_size=tile_size,
+        tile_stride=tile_stride,
+        decode_workers=decode_workers,
+    )
     z_dim = getattr(getattr(vae, "config", None), "z_dim", spec.vae_channels)
     if z_dim != spec.vae_channels:
         raise ValueError(f"VAE has z_dim={z_dim} but preset {spec.name} expects {spec.vae_channels} channels")
     encoder = text_cache.encoder
     if encoder is not None and encoder.dim != spec.text_dim:
         raise ValueError(f"text encoder has dim {encoder.dim} but preset {spec.name} expects {spec.text_dim}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    listing = hashlib.sha256(json.dumps([[e.source, e.caption] for e in entries]).encode()).hexdigest()[:16]
     settings = {
-        "schema_version": SCHEMA_VERSION,
-        "inputs": listing,
-        "num_inputs": len(entries),
-        "preset": spec.name,
-        "height": height,
-        "width": width,
-        "frames": frames,
-        "fps": fps,
-        "start": start,
-        "max_upscale": max_upscale,
-        "samples_per_shard": samples_per_shard,
-        "latent_dtype": str(latent_dtype).removeprefix("torch."),
+        **prepare_settings(
+            entries,
+            spec=spec,
+            height=height,
+            width=width,
+            frames=frames,
+            fps=fps,
+            start=start,
+            max_upscale=max_upscale,
+            samples_per_shard=samples_per_shard,
+            latent_dtype=latent_dtype,
+        ),
         "vae": module_fingerprint(vae),
         "text_encoder": text_cache.identity,
         "text_len": text_cache.max_length,
     }
-    _check_settings(out_dir, settings)
+    check_existing_settings(out_dir, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_settings() -> None:
+        # With the first finished shard, not before: a run that fails (or is killed) before finishing one
+        # leaves nothing to protect, so a corrected command must not be refused.
+        if not (out_dir / SETTINGS_FILE).is_file():
+            _write_json_atomic(out_dir / SETTINGS_FILE, settings)
+
     for stale in out_dir.glob(".shard-*.tar.tmp"):  # left by a run that was killed mid-shard
         logger.info("removing unfinished %s", stale.name)
         stale.unlink()
@@ -984,6 +1108,7 @@ def prepare_shards(
                 latent_dtype=latent_dtype,
                 decode_workers=decode_workers,
                 bar=bar,
+                before_publish=write_settings,
             )
         shards.append(shard)
         samples += stats["samples"]
@@ -1045,8 +1170,12 @@ def _prepare_chunk(
     latent_dtype: torch.dtype,
     decode_workers: int,
     bar: tqdm,
+    before_publish: Callable[[], None],
 ) -> dict[str, Any]:
-    """Build one shard from one chunk of inputs; returns its stats (also written to ``stats_file``)."""
+    """Build one shard from one chunk of inputs; returns its stats (also written to ``stats_file``).
+
+    ``before_publish`` runs when the shard is complete, before its stats and the shard itself appear.
+    """
     from t3.models.vae import encode_video  # deferred: diffusers is slow to import and readers never need it
 
     skipped: list[dict[str, Any]] = []
@@ -1121,6 +1250,7 @@ def _prepare_chunk(
         raise
     writer.close()
     stats = {"shard": shard.name, "inputs": len(chunk), "samples": samples, "skipped": skipped}
+    before_publish()
     # The stats file goes first: a shard that exists always has its stats.
     _write_json_atomic(stats_file, stats)
     os.replace(tmp, shard)

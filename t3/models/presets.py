@@ -14,7 +14,7 @@ The real values are those of the Wan releases (their ``config.json``) and of the
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -132,6 +132,10 @@ class ModelSpec:
             ValueError: If the video size is not legal for this model.
         """
         st, sh, sw = self.vae_stride
+        if min(num_frames, height, width) < 1:
+            raise ValueError(
+                f"{self.name}: num_frames, height and width must be positive, got {num_frames}x{height}x{width}"
+            )
         if (num_frames - 1) % self.frame_multiple:
             raise ValueError(f"{self.name}: num_frames must be 1 + {self.frame_multiple}k, got {num_frames}")
         if height % self.pixel_multiple or width % self.pixel_multiple:
@@ -139,6 +143,38 @@ class ModelSpec:
                 f"{self.name}: height and width must be multiples of {self.pixel_multiple}, got {height}x{width}"
             )
         return (self.vae_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
+
+    @property
+    def max_grid_axis(self) -> int:
+        """Most token positions per grid axis: the DiT's rotary embedding covers ``rope_max_seq_len`` per axis."""
+        return int(self.dit_config["rope_max_seq_len"])
+
+    def token_grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """Post-patch token grid ``(T, H, W)`` of latents ``[C, T', H', W']``, checked against the DiT.
+
+        Raises:
+            ValueError: If the DiT cannot take these latents: another channel count than the VAE's, a latent
+                axis that is not a multiple of the patch size, or an axis longer than the rotary embedding
+                covers (diffusers would fail deep inside the forward).
+        """
+        shape = tuple(int(n) for n in latent_shape)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"latents must be [C, T, H, W] with positive sizes, got {list(shape)}")
+        if shape[0] != self.vae_channels:
+            raise ValueError(
+                f"latents {list(shape)} have {shape[0]} channels, {self.name} takes {self.vae_channels}"
+            )
+        if any(n % p for n, p in zip(shape[1:], self.patch_size, strict=True)):
+            raise ValueError(
+                f"latents {list(shape)}: T, H, W must be multiples of {self.name}'s patch size {self.patch_size}"
+            )
+        grid = tuple(n // p for n, p in zip(shape[1:], self.patch_size, strict=True))
+        if max(grid) > self.max_grid_axis:
+            raise ValueError(
+                f"latents {list(shape)} give the token grid {grid}, but {self.name}'s rotary embedding covers "
+                f"at most {self.max_grid_axis} positions per axis (rope_max_seq_len)"
+            )
+        return grid  # type: ignore[return-value]
 
 
 #: One :class:`ModelSpec` per preset.

@@ -199,16 +199,27 @@ def prepare_video_shards(
         samples_per_shard: Videos per shard.
         max_upscale: Largest resize factor allowed (smaller videos are skipped).
     """
-    from t3.data import prepare_shards, read_video_list
+    from t3.data import check_prepare_arguments, prepare_shards, read_video_list
     from t3.models import PromptEmbeddingCache, get_spec
 
+    spec = get_spec(model["preset"])
+    check_prepare_arguments(  # before the encoders are loaded
+        spec,
+        height=height,
+        width=width,
+        frames=num_frames,
+        fps=fps,
+        max_upscale=max_upscale,
+        samples_per_shard=samples_per_shard,
+        name=lambda key: f"data.prepare.{'num_frames' if key == 'frames' else key}",
+    )
+    entries = read_video_list(video_list)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae, text_encoder = _vae_and_text_encoder(model, Path(out_dir).parent)
     vae = vae.to(device)
     text_encoder.to(device)
-    spec = get_spec(model["preset"])
     result = prepare_shards(
-        read_video_list(video_list),
+        entries,
         out_dir,
         vae=vae,
         text_cache=PromptEmbeddingCache(text_encoder, max_length=spec.text_len),
