@@ -226,3 +226,38 @@ def test_skip_counter_as_webdataset_handler():
     assert counter.examples["read_error"] == ["shard-000007.tar: OSError: bad header"]
     assert len(counter.examples["bad_shape"]) == 1
     assert counter.summary() == "3 skipped (bad_shape=2, read_error=1)"
+
+
+def test_samples_off_the_manifest_shape_are_skipped(tmp_path: Path):
+    write_shards([_sample(0), _sample(1, shape=(4, 2, 4, 6)), _sample(2)], tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"latent_shape": [4, 2, 4, 4], "text_dim": TEXT_DIM}))
+    dataset = build_latent_dataset(tmp_path, shuffle_shards=False)
+    assert _keys(dataset) == ["000000", "000002"]
+    assert dataset.skips.counts == {"bad_shape": 1}
+    assert "[4, 2, 4, 6]" in dataset.skips.examples["bad_shape"][0]
+    assert "manifest" in dataset.skips.examples["bad_shape"][0]
+
+
+def test_samples_the_model_cannot_take_are_skipped(tmp_path: Path):
+    # The tiny DiT's rotary embedding covers 32 positions per axis: 80x80 latents give a 40x40 token grid,
+    # which would fail deep inside diffusers' RoPE.
+    write_shards(
+        [_sample(0, shape=(4, 5, 4, 4)), _sample(1, shape=(4, 5, 80, 80)), _sample(2, (4, 5, 4, 6))], tmp_path
+    )
+    dataset = build_latent_dataset(tmp_path, shuffle_shards=False, preset="tiny")
+    assert _keys(dataset) == ["000000", "000002"]  # without a manifest or sizes, any shape the model takes
+    assert dataset.skips.counts == {"bad_shape": 1}
+    assert "rope_max_seq_len" in dataset.skips.examples["bad_shape"][0]
+
+
+def test_allowed_sizes_select_the_resolution_buckets(tmp_path: Path):
+    shapes = [(4, 5, 4, 4), (4, 5, 4, 6), (4, 5, 6, 6)]
+    write_shards([_sample(i, shapes[i % 3]) for i in range(6)], tmp_path)
+    # 17 frames x 32 x 32 and x 48 pixels on the tiny model: latents [4, 5, 4, 4] and [4, 5, 4, 6].
+    dataset = build_latent_dataset(
+        tmp_path, shuffle_shards=False, preset="tiny", sizes=[[17, 32, 32], [17, 32, 48]]
+    )
+    assert _keys(dataset) == ["000000", "000001", "000003", "000004"]
+    assert dataset.skips.counts == {"bad_shape": 2}
+    with pytest.raises(ValueError, match="preset"):
+        build_latent_dataset(tmp_path, sizes=[[17, 32, 32]])

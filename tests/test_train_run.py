@@ -375,3 +375,47 @@ def test_raw_videos_are_prepared_once_then_trained_on(tmp_path, cache_dir):
     metrics, _ = train(cfg)
     shards = sorted(Path(cfg.data.prepare.out_dir).glob("shard-*.tar"))
     assert shards and math.isfinite(metrics["train/loss"])
+
+
+def _shard_set(tmp_path: Path, cache_dir: Path, bad: dict[str, torch.Tensor]) -> Path:
+    """12 good synthetic samples (32x32x17 on the tiny model) and the given bad latents, 5 per shard."""
+    from t3.data import write_shards
+    from t3.training.datamodule import synthetic_latents
+
+    samples = synthetic_latents(
+        12, height=32, width=32, num_frames=17, seed=5, model={"preset": "tiny"}, cache_dir=str(cache_dir)
+    )
+    good = [samples[i] for i in range(12)]
+    broken = [
+        dict(good[i], __key__=f"bad{name}", latents=latents) for i, (name, latents) in enumerate(bad.items())
+    ]
+    items = [*broken, *good]
+    write_shards(items, tmp_path / "shards", maxcount=5)
+    return tmp_path / "shards"
+
+
+def test_a_sample_the_model_cannot_take_is_skipped_not_fatal(tmp_path, cache_dir):
+    # A [4, 5, 80, 80] sample gives a 40x40 token grid on the tiny DiT (its RoPE covers 32 per axis), and an
+    # off-size [4, 5, 4, 6] one would be trained on silently: both are skipped. Two of each, so that they
+    # would fill a bucket (a batch of 2) of their own.
+    bad = {"huge": torch.randn(4, 5, 80, 80), "wide": torch.randn(4, 5, 4, 6)}
+    shards = _shard_set(tmp_path, cache_dir, {**bad, **{f"{k}2": v for k, v in bad.items()}})
+    cfg = compose_train(
+        "data=latent_shards",
+        "data.height=32",
+        "data.width=32",
+        "data.num_frames=17",
+        "data.num_workers=0",
+        f"data.train.urls_or_dir={shards}",
+        "data.train.shuffle_buffer=0",
+        "batch.global_size=2",
+        "batch.micro_size=2",
+        "trainer.max_steps=6",  # 12 good samples = 6 steps: the whole set
+        "validation.every_n_steps=0",
+        "export.formats=[]",
+        f"paths.cache_dir={cache_dir}",
+        f"run_dir={tmp_path / 'run'}",
+        root=tmp_path,
+    )
+    metrics, _ = train(cfg)
+    assert math.isfinite(metrics["train/loss"])

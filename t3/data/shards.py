@@ -82,6 +82,7 @@ __all__ = [
     "SkipCounter",
     "PrepareResult",
     "VideoListEntry",
+    "allowed_latent_shapes",
     "build_latent_dataset",
     "check_existing_settings",
     "check_prepare_arguments",
@@ -106,7 +107,8 @@ LATENTS, TEXT, CAPTION, META = "latents.safetensors", "text.safetensors", "capti
 FIELDS = (LATENTS, TEXT, CAPTION, META)
 
 #: Reasons a sample or shard is skipped: a tar or shard could not be read; a field is missing or empty; a
-#: field cannot be decoded; a tensor has the wrong rank or size; latents or text contain NaN/inf.
+#: field cannot be decoded; a tensor has the wrong rank or size (or latents of a shape the shard set or the
+#: model does not allow); latents or text contain NaN/inf.
 SKIP_REASONS = ("read_error", "missing_field", "decode_error", "bad_shape", "non_finite")
 
 DEFAULT_TEXT_LEN = 512
@@ -429,6 +431,23 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 # --- reading ----------------------------------------------------------------------------------------------
 
 
+def allowed_latent_shapes(spec: ModelSpec, sizes: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Latent shapes ``[C, T', H', W']`` of video sizes ``[[num_frames, height, width], ...]`` on ``spec``.
+
+    Raises:
+        ValueError: For a size the model cannot take (naming it).
+    """
+    shapes = []
+    for size in sizes:
+        if len(size) != 3:
+            raise ValueError(f"sizes: expected [num_frames, height, width], got {list(size)}")
+        frames, height, width = (int(n) for n in size)
+        shape = spec.latent_shape(frames, height, width)
+        spec.token_grid(shape)
+        shapes.append(list(shape))
+    return shapes
+
+
 def list_shards(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Resolve shards: a folder (its ``*.tar`` files, sorted), a file, a brace pattern or a list.
 
@@ -469,6 +488,9 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
     Iteration order depends only on ``seed``, the epoch (:meth:`set_epoch`), the DDP rank and the worker id,
     so a run with the same seed and world size sees the same batches.
 
+    Besides the arguments of :func:`build_latent_dataset` (``preset`` as a name), ``latent_shapes`` are the
+    allowed latent shapes (None: any) and ``latent_shapes_from`` says where they came from, for messages.
+
     Attributes:
         skips: Skip statistics of the current (or last) pass in this process.
         urls: The shard list.
@@ -490,6 +512,9 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         text_dim: int | None = None,
         latent_channels: int | None = None,
         dtype: torch.dtype | None = None,
+        latent_shapes: Sequence[Sequence[int]] | None = None,
+        latent_shapes_from: str = "the allowed shapes",
+        preset: str | None = None,
     ) -> None:
         super().__init__()
         if not urls:
@@ -507,6 +532,10 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         self.text_dim = text_dim
         self.latent_channels = latent_channels
         self.dtype = dtype
+        self.latent_shapes = None if latent_shapes is None else [[int(n) for n in sh] for sh in latent_shapes]
+        self.latent_shapes_from = latent_shapes_from
+        self.preset = preset  # a name, not a ModelSpec: the dataset is pickled into dataloader workers
+        self._shape_problems: dict[tuple[int, ...], str | None] = {}
         self.epoch = 0
         self.skips = SkipCounter()
 
@@ -518,6 +547,24 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         # A stable integer from (seed, epoch, ...); Python's hash() of tuples is not stable across processes.
         text = ":".join(str(p) for p in (self.seed, self.epoch, *parts))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+    def _shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why latents of ``shape`` cannot be trained on here (None if they can); cached per shape."""
+        if shape not in self._shape_problems:
+            problem = None
+            if self.latent_shapes is not None and list(shape) not in self.latent_shapes:
+                problem = (
+                    f"latents {list(shape)} are not among {self.latent_shapes_from} {self.latent_shapes}"
+                )
+            elif self.preset is not None:
+                from t3.models.presets import get_spec
+
+                try:
+                    get_spec(self.preset).token_grid(shape)
+                except ValueError as err:
+                    problem = str(err)
+            self._shape_problems[shape] = problem
+        return self._shape_problems[shape]
 
     def _decode(self, raws: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Pipeline stage: decode and validate; bad samples are counted and dropped."""
@@ -535,6 +582,10 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
                 continue
             except Exception as err:  # nothing in a sample's bytes may stop a training run
                 self.skips.add("decode_error", where, f"{type(err).__name__}: {err}")
+                continue
+            problem = self._shape_problem(tuple(sample["latents"].shape))
+            if problem is not None:
+                self.skips.add("bad_shape", where, problem)
                 continue
             if None in expect.values():
                 # Without a manifest, the first good sample fixes the sizes the others must match (so that
@@ -609,6 +660,8 @@ def build_latent_dataset(
     text_dim: int | None = None,
     latent_channels: int | None = None,
     dtype: torch.dtype | None = None,
+    preset: str | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
 ) -> LatentShardDataset:
     """A streaming dataset over latent shards.
 
@@ -631,9 +684,28 @@ def build_latent_dataset(
         text_dim: Expected text embedding size; None uses the manifest, else the first good sample.
         latent_channels: Expected latent channels; None uses the manifest, else the first good sample.
         dtype: Cast latents and text to this dtype; None keeps the stored dtype.
+        preset: The model the samples are for (`t3.models.preset_names`): latents it cannot take (channel
+            count, patch multiples, more positions per axis than its rotary embedding covers) and text of
+            another size are skipped as ``bad_shape``. None checks only what the shards say of themselves.
+        sizes: Allowed video sizes ``[[num_frames, height, width], ...]`` in pixels (needs ``preset``):
+            latents of any other shape are skipped as ``bad_shape``. Several sizes are resolution buckets.
+            None allows the ``latent_shape`` of the shards' ``manifest.json``, or any shape without one.
     """
     urls = list_shards(urls_or_dir)
     manifest = read_manifest(urls_or_dir)
+    spec = None
+    if preset is not None:
+        from t3.models.presets import get_spec
+
+        spec = get_spec(preset)
+    if sizes is not None:
+        if spec is None:
+            raise ValueError("build_latent_dataset: sizes need a preset to turn pixels into latent shapes")
+        latent_shapes: list | None = allowed_latent_shapes(spec, sizes)
+        shapes_from = f"the sizes {[list(size) for size in sizes]} ([frames, height, width]), i.e."
+    else:
+        latent_shapes = [manifest["latent_shape"]] if manifest.get("latent_shape") else None
+        shapes_from = "the shapes of manifest.json"
     dataset = LatentShardDataset(
         urls,
         batch_size=batch_size,
@@ -645,9 +717,14 @@ def build_latent_dataset(
         bucket=bucket,
         drop_last=drop_last,
         text_len=text_len or manifest.get("text_len"),
-        text_dim=text_dim or manifest.get("text_dim"),
-        latent_channels=latent_channels or manifest.get("latent_channels"),
+        text_dim=text_dim or manifest.get("text_dim") or (spec.text_dim if spec else None),
+        latent_channels=latent_channels
+        or manifest.get("latent_channels")
+        or (spec.vae_channels if spec else None),
         dtype=dtype,
+        latent_shapes=latent_shapes,
+        latent_shapes_from=shapes_from,
+        preset=spec.name if spec else None,
     )
     logger.info("latent dataset: %d shard(s) from %s", len(urls), urls_or_dir)
     return dataset
