@@ -17,6 +17,8 @@ can be imported by code that must not depend on Hydra.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -508,6 +510,26 @@ def _require(cfg: DictConfig, key: str, what: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
+def _check_schema_keys(node: DictConfig, prefix: str = "") -> None:
+    """Every key of a schema node must be a field of its dataclass.
+
+    Composition refuses unknown keys, but Hydra's ``+key=value`` (which its own error message suggests)
+    opens the node and adds the key anyway: ``+optim.lrr=1e-4`` would then be accepted and ignored.
+    """
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+                raise ConfigError(f"{prefix}{key}: unknown key{hint}; accepted: {sorted(fields)}")
+    for key in node:
+        child = node._get_node(key)  # no interpolation is resolved here
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_schema_keys(child, f"{prefix}{key}.")
+
+
 def resolve_world_size(trainer: DictConfig | TrainerConfig) -> int:
     """Processes that will train together, from ``trainer.devices`` and ``trainer.num_nodes``.
 
@@ -579,6 +601,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     from t3.diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
     from t3.models.presets import get_spec, preset_names
 
+    _check_schema_keys(cfg)
     # A missing mandatory value anywhere (``???``) would otherwise surface much later, mid-build.
     for key in ("model.preset", "data.height", "data.width", "data.num_frames", "data.source", "t3"):
         _require(cfg, key, "set it in the experiment or on the command line")
@@ -626,6 +649,10 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
             f"t3={schedule.name!r} does not fit {height}x{width}x{frames} (token grid {grid}) on "
             f"{spec.name}: {err}"
         ) from None
+
+    # The data's allowed sizes (resolution buckets) fit the model and the schedule.
+    for key in ("data.train", "data.val"):
+        _check_data_sizes(cfg, key, spec, schedule, num_layers)
 
     # What is trained.
     _check_choice(cfg, "finetune.trainable", TRAINABLE)
@@ -730,9 +757,10 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
         _check_choice(cfg, "export.dtype", ("bf16", "fp32"))
     _check_choice(cfg, "logger.mode", ("online", "offline", "disabled"))
 
-    # Weights: needed for a real run only; the dry run works from the architecture alone.
+    # Weights and data: needed for a real run only; the dry run works from the architecture alone.
     if not cfg.dry_run:
         _check_weights(cfg)
+        _check_data_paths(cfg, spec)
 
     return RunFacts(
         preset=spec.name,
@@ -766,10 +794,73 @@ def _build_schedule(cfg: DictConfig) -> Any:
         raise ConfigError(f"t3: cannot build the schedule: {str(cause).splitlines()[0]}") from None
 
 
+def _check_data_sizes(cfg: DictConfig, key: str, spec: Any, schedule: Any, num_layers: int) -> None:
+    """The ``sizes`` a latent reader allows (resolution buckets) must fit the model and the T3 schedule."""
+    node = OmegaConf.select(cfg, key)
+    if not OmegaConf.is_dict(node) or OmegaConf.select(node, "sizes") is None:
+        return
+    from t3.data.shards import allowed_latent_shapes
+
+    for size in node.sizes:
+        try:
+            (shape,) = allowed_latent_shapes(spec, [list(size)])
+            grid = spec.token_grid(shape)
+            schedule.plans(grid, num_layers)
+        except ValueError as err:
+            raise _fail(f"{key}.sizes", OmegaConf.to_object(node.sizes), f"{list(size)}: {err}") from None
+
+
+def _check_data_paths(cfg: DictConfig, spec: Any) -> None:
+    """The data a run reads must be there at start-up: one line per missing path, before anything is built.
+
+    ``urls_or_dir`` of the readers (a shard folder, file, brace pattern or list) and ``video_list`` of a
+    preparation step; a reader fed by ``data.prepare`` is checked after the preparation, by the reader.
+    Shards whose ``manifest.json`` gives a latent shape outside the reader's ``sizes`` are refused too: the
+    reader would skip every sample.
+    """
+    from t3.data.shards import allowed_latent_shapes, check_shard_source, read_manifest
+
+    prepare = OmegaConf.select(cfg, "data.prepare")
+    video_list = OmegaConf.select(prepare, "video_list") if OmegaConf.is_dict(prepare) else None
+    if isinstance(video_list, str) and not os.path.isfile(video_list):
+        raise _fail("data.prepare.video_list", video_list, "no such file")
+    prepared = OmegaConf.select(prepare, "out_dir") if OmegaConf.is_dict(prepare) else None
+    for key in ("data.train", "data.val"):
+        node = OmegaConf.select(cfg, key)
+        if not OmegaConf.is_dict(node) or "urls_or_dir" not in node:
+            continue
+        source = node.urls_or_dir
+        if source is None or (prepared is not None and source == prepared):
+            continue
+        source = OmegaConf.to_object(source) if OmegaConf.is_config(source) else source
+        try:
+            check_shard_source(source)
+        except FileNotFoundError as err:
+            raise _fail(f"{key}.urls_or_dir", source, str(err)) from None
+        shape = read_manifest(source).get("latent_shape")
+        if shape is None or OmegaConf.select(node, "sizes") is None:
+            continue
+        allowed = allowed_latent_shapes(spec, OmegaConf.to_object(node.sizes))
+        if list(shape) not in allowed:
+            st, sh, sw = spec.vae_stride
+            made_at = f"{(shape[1] - 1) * st + 1}x{shape[2] * sh}x{shape[3] * sw}"
+            raise _fail(
+                f"{key}.urls_or_dir",
+                source,
+                f"its manifest.json gives latents {list(shape)} (frames x height x width {made_at}), but "
+                f"{key}.sizes allows {allowed}; set data.num_frames/height/width to the shards' size, or "
+                f"list it in {key}.sizes",
+            )
+
+
 def _check_weights(cfg: DictConfig) -> None:
     model = cfg.model
+    # init_from, else dit_path, else random_init (t3.training.module.build_dit): a path that is set is used,
+    # so it must exist even where random_init would apply without it.
     if model.init_from is not None:
         source_key = "model.init_from"
+    elif model.dit_path is not None:
+        source_key = "model.dit_path"
     elif model.random_init:
         source_key = None
     else:

@@ -118,6 +118,12 @@ BAD = [
     (["+data.train.num_sample=3"], "data.train.num_sample", "unknown argument"),
     (["validation.sigmas=[0.5,1.5]"], "validation.sigmas", "[0, 1]"),
     (["objective.loss_weighting=snr"], "objective.loss_weighting='snr'", "one of"),
+    # Keys added with "+" (Hydra's own hint after an unknown-key error) to a schema group are refused.
+    (["+optim.lrr=1e-4"], "optim.lrr", "unknown key"),
+    (["+finetune.lora.ranks=8"], "finetune.lora.ranks", "unknown key"),
+    (["+max_steps=10"], "max_steps", "unknown key"),
+    # A DiT path that does not exist fails here, even where random_init would apply without one.
+    (["model=tiny", "model.dit_path=/nonexistent/dit"], "model.dit_path='/nonexistent/dit'", "no such file"),
     (
         ["model.attention_tokens_per_call=0"],
         "model.attention_tokens_per_call=0",
@@ -241,3 +247,55 @@ def test_composed_config_keeps_schema_types():
     cfg = compose_train("experiment=t3_4k", "dry_run=true")
     assert OmegaConf.get_type(cfg.model).__name__ == "ModelConfig"
     assert OmegaConf.get_type(cfg.finetune.lora).__name__ == "LoraConfig"
+
+
+SHARDS_32 = ["data=latent_shards", "data.height=32", "data.width=32", "data.num_frames=17"]
+
+
+def test_data_paths_are_checked_one_line_each(tmp_path):
+    from t3.data import write_shards
+
+    sample = {
+        "__key__": "000000",
+        "latents": torch.zeros(4, 5, 4, 4),
+        "text": torch.zeros(3, 16),
+        "caption": "a red circle",
+    }
+    write_shards([sample], tmp_path / "shards")
+    (tmp_path / "empty").mkdir()
+    good = f"data.train.urls_or_dir={tmp_path / 'shards'}"
+    assert validate(compose_train(*SHARDS_32, good)).latent_shape == (4, 5, 4, 4)
+    cases = [
+        ([f"data.train.urls_or_dir={tmp_path / 'missing'}"], "data.train.urls_or_dir=", "no such file"),
+        ([f"data.train.urls_or_dir={tmp_path / 'empty'}"], "data.train.urls_or_dir=", "no .tar shards"),
+        ([f"data.train.urls_or_dir='{tmp_path / 'shards' / 'shard-{000000..000002}.tar'}'"], "data.train", "2 of 3"),
+        ([good, f"data.val.urls_or_dir={tmp_path / 'held_out'}"], "data.val.urls_or_dir=", "no such file"),
+        (
+            ["data=raw_videos", "data.height=32", "data.width=32", "data.num_frames=17",
+             f"data.prepare.video_list={tmp_path / 'list.csv'}"],
+            "data.prepare.video_list=",
+            "no such file",
+        ),
+    ]  # fmt: skip
+    for overrides, key, words in cases:
+        with pytest.raises(ConfigError) as info:
+            validate(compose_train(*SHARDS_32, *overrides))
+        message = str(info.value)
+        assert "\n" not in message and key in message and words in message, message
+
+
+def test_shards_of_another_size_than_configured_are_refused(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"")
+    (tmp_path / "shards" / "manifest.json").write_text('{"latent_shape": [4, 5, 8, 8]}')
+    cfg = compose_train(*SHARDS_32, f"data.train.urls_or_dir={tmp_path / 'shards'}")
+    with pytest.raises(ConfigError, match=r"data.train.urls_or_dir=.*\[4, 5, 8, 8\].*data.train.sizes"):
+        validate(cfg)
+    # Listing the shards' size as a bucket accepts them.
+    validate(
+        compose_train(
+            *SHARDS_32,
+            f"data.train.urls_or_dir={tmp_path / 'shards'}",
+            "data.train.sizes=[[17,32,32],[17,64,64]]",
+        )
+    )

@@ -85,6 +85,7 @@ __all__ = [
     "allowed_latent_shapes",
     "build_latent_dataset",
     "check_existing_settings",
+    "check_shard_source",
     "check_prepare_arguments",
     "decode_sample",
     "encode_sample",
@@ -463,6 +464,30 @@ def list_shards(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) ->
             raise FileNotFoundError(f"no .tar shards in {source}")
         return shards
     return _webdataset().shardlists.expand_urls(source)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def check_shard_source(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """:func:`list_shards`, checked on the file system: the source must exist now.
+
+    The reader itself skips a shard it cannot open (``read_error``: bad data never stops a run); this is the
+    start-up check that the data a run is pointed at is there at all. Remote URLs (``pipe:``, ``s3://`` ...)
+    are not checked.
+
+    Raises:
+        FileNotFoundError: One line: no such file or folder, a folder without ``.tar`` shards, or how many
+            files of a list or brace pattern are missing (and the first one).
+    """
+    urls = list_shards(urls_or_dir)
+    missing = [url for url in urls if not _is_remote(url) and not os.path.exists(url)]
+    if missing:
+        if len(urls) == 1:
+            raise FileNotFoundError("no such file or folder")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard files do not exist (first: {missing[0]})")
+    return urls
 
 
 def read_manifest(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, Any]:

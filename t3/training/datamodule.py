@@ -434,6 +434,8 @@ class T3DataModule(L.LightningDataModule):
             self.train_set = self.train_factory()
         if self.val_set is None and self.val_factory is not None:
             self.val_set = self.val_factory()
+            if self.val_set is None:
+                logger.info("no held-out data (data.val.urls_or_dir is null): no validation loss")
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
