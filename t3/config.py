@@ -80,7 +80,8 @@ class ModelConfig:
         text_encoder_path: umT5 folder; needed for sample videos and for the synthetic data source.
         init_from: Start from these DiT weights instead of ``dit_path`` (stage 2 starts from the stage-1
             export, a diffusers folder).
-        random_init: Build the DiT from ``preset`` with random weights (tests and debugging only).
+        random_init: Build the DiT from ``preset`` with random weights (tests and debugging only); applies
+            only when neither ``init_from`` nor ``dit_path`` is set (a path that is set must exist).
         seed: Seed of ``random_init``.
         attention_backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
         attention_tokens_per_call: Bound on the gathered slots per T3 attention call, which bounds
