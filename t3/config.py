@@ -21,6 +21,8 @@ import dataclasses
 import difflib
 import inspect
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "TrainConfig",
     "TrainerConfig",
     "ValidationConfig",
+    "check_field_types",
     "register_configs",
     "resolve_world_size",
     "validate",
@@ -529,6 +532,57 @@ def _check_schema_keys(node: DictConfig, prefix: str = "") -> None:
         child = node._get_node(key)  # no interpolation is resolved here
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
             _check_schema_keys(child, f"{prefix}{key}.")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` must be to match the type hint ``hint`` (None if it does); unknown hints pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        problems = [_type_problem(value, option) for option in options]
+        if None in problems:
+            return None
+        return " or ".join(p.removeprefix("must be ") for p in problems) + (
+            " or null" if len(options) < len(args) else ""
+        )
+    if origin in (tuple, list) and args and args[0] in _TYPE_WORDS:
+        if isinstance(value, (list, tuple)) and all(_type_problem(v, args[0]) is None for v in value):
+            return None
+        return f"a list of {_TYPE_WORDS[args[0]].removeprefix('an ').removeprefix('a ')}s"
+    if hint not in _TYPE_WORDS:
+        return None
+    ok = (
+        isinstance(value, bool)
+        if hint is bool
+        else isinstance(value, (int, float) if hint is float else hint) and not isinstance(value, bool)
+    )
+    return None if ok else _TYPE_WORDS[hint]
+
+
+def check_field_types(settings: Any, prefix: str, names: dict[str, str] | None = None) -> None:
+    """Check every field of a dataclass instance against its type hint (bool, int, float, str, optional,
+    lists of those), so that a value of the wrong type fails here, naming its key, and not inside a model.
+
+    Args:
+        settings: A dataclass instance built from a config node.
+        prefix: The node's key (``generation``): a field is reported as ``<prefix>.<field>``.
+        names: Config keys of fields that come from elsewhere (``{"backend": "model.attention_backend"}``).
+
+    Raises:
+        ConfigError: ``<key>=<value>: must be <type>``.
+    """
+    for name, hint in typing.get_type_hints(type(settings)).items():
+        value = getattr(settings, name)
+        problem = _type_problem(value, hint)
+        if problem is not None:
+            key = (names or {}).get(name, f"{prefix}.{name}")
+            shown = list(value) if isinstance(value, tuple) else value
+            raise _fail(key, shown, f"must be {problem}")
 
 
 def resolve_world_size(trainer: DictConfig | TrainerConfig) -> int:

@@ -202,3 +202,26 @@ def test_bad_config_values_fail_before_any_model_is_loaded(tmp_path):
         run(compose_eval(*base, "benchmark.prompts=missing.json"))
     with pytest.raises(ValueError, match=r"stage='train': expected one of"):
         run(compose_eval(*base, "stage=train"))
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("generation.guidance_scale=abc", "generation.guidance_scale='abc': must be a number"),
+        ("generation.steps=2.5", "generation.steps=2.5: must be an integer"),
+        ("generation.vae_tiling=maybe", "generation.vae_tiling='maybe': must be true or false"),
+        ("generation.seeds=[0,a]", "generation.seeds=[0, 'a']: must be a list of integers"),
+        ("generation.negative_prompt=[a]", "generation.negative_prompt=['a']: must be a string or null"),
+        ("speed.repeats=often", "speed.repeats='often': must be an integer"),
+    ],
+)
+def test_settings_are_type_checked_before_any_model_is_loaded(tmp_path, override, words):
+    # Model paths that do not exist: a type error must be reported before they are even looked at.
+    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+            f"out_dir={tmp_path}", "generation.height=64", "generation.width=64", "generation.frames=5",
+            "model.dit_path=/nonexistent", "model.vae_path=/nonexistent", "model.text_encoder_path=/nonexistent"]  # fmt: skip
+    stage = "stage=speed" if override.startswith("speed.") else "stage=generate"
+    with pytest.raises(ValueError) as info:
+        run(compose_eval(*base, stage, override))
+    assert str(info.value) == words or words in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)

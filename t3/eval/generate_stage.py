@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from t3.attention import Schedule
+from t3.config import check_field_types
 from t3.diffusion import SCHEDULER_NAMES
 from t3.eval.metrics.base import sha256_file
 from t3.eval.prompts import PromptEntry, shard_range
@@ -126,6 +127,12 @@ class GenerationSettings:
     vae_tiling: bool = True
 
     def __post_init__(self) -> None:
+        # Types first (a value of the wrong type would otherwise fail inside a model, naming no key).
+        check_field_types(
+            self,
+            "generation",
+            {"backend": "model.attention_backend", "tokens_per_call": "model.attention_tokens_per_call"},
+        )
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if self.tokens_per_call is not None and (
             isinstance(self.tokens_per_call, bool)

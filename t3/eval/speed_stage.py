@@ -42,6 +42,7 @@ import torch
 
 from t3.attention import Schedule, choose_backend, get_schedule, t3_attention
 from t3.attention.flops import dit_macs
+from t3.config import check_field_types
 from t3.eval.generate_stage import (
     GenerationSettings,
     ModelPaths,
@@ -95,6 +96,7 @@ class SpeedSettings:
     e2e_steps: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "speed")
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError(
                 f"speed.warmup must be >= 0 and speed.repeats >= 1, got {self.warmup}, {self.repeats}"
