@@ -117,6 +117,8 @@ class DataConfig:
         val: ``_target_`` config of the held-out dataset, or None for no validation loss.
         prepare: ``_target_`` config run once on global rank 0 before the datasets are built (e.g. encode
             raw videos into shards), or None.
+        max_skipped_fraction: Stop the run when more than this fraction of the training data read so far
+            was skipped as bad (judged from 1000 items read on, and at the end); None never stops.
     """
 
     source: str = MISSING
@@ -127,6 +129,7 @@ class DataConfig:
     train: Any = MISSING
     val: Any = None
     prepare: Any = None
+    max_skipped_fraction: float | None = 0.05
 
 
 @dataclass
@@ -524,13 +527,18 @@ def _check_schema_keys(node: DictConfig, prefix: str = "") -> None:
     if dataclasses.is_dataclass(schema):
         fields = [f.name for f in dataclasses.fields(schema)]
         for key in node:
-            if key not in fields:
+            if key not in fields and not (key == "hydra" and not prefix):  # Hydra's own node, if composed in
                 near = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
                 raise ConfigError(f"{prefix}{key}: unknown key{hint}; accepted: {sorted(fields)}")
     for key in node:
         child = node._get_node(key)  # no interpolation is resolved here
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+        if (
+            isinstance(child, DictConfig)
+            and not (key == "hydra" and not prefix)
+            and not child._is_none()
+            and not child._is_missing()
+        ):
             _check_schema_keys(child, f"{prefix}{key}.")
 
 
@@ -683,6 +691,8 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
             )
     _check_choice(cfg, "data.source", DATA_SOURCES)
     _check_range(cfg, "data.num_workers", low=0)
+    if cfg.data.max_skipped_fraction is not None:
+        _check_range(cfg, "data.max_skipped_fraction", low=0, high=1)
     # Data paths are not needed for a dry run; reader arguments are checked either way.
     for key in ("data.prepare", "data.train", "data.val"):
         _check_target_kwargs(cfg, key, require_values=not cfg.dry_run)

@@ -411,6 +411,7 @@ def test_a_sample_the_model_cannot_take_is_skipped_not_fatal(tmp_path, cache_dir
         "batch.global_size=2",
         "batch.micro_size=2",
         "trainer.max_steps=6",  # 12 good samples = 6 steps: the whole set
+        "data.max_skipped_fraction=null",  # a quarter of this set is bad
         "validation.every_n_steps=0",
         "export.formats=[]",
         f"paths.cache_dir={cache_dir}",
@@ -419,3 +420,61 @@ def test_a_sample_the_model_cannot_take_is_skipped_not_fatal(tmp_path, cache_dir
     )
     metrics, _ = train(cfg)
     assert math.isfinite(metrics["train/loss"])
+
+
+def _nan_latents() -> torch.Tensor:
+    latents = torch.randn(4, 5, 4, 4)
+    latents[0, 0, 0, 0] = float("nan")
+    return latents
+
+
+def _skipping_run(tmp_path: Path, cache_dir: Path, *overrides: str):
+    bad = {"huge": torch.randn(4, 5, 80, 80), "huge2": torch.randn(4, 5, 80, 80), "nan": _nan_latents()}
+    shards = _shard_set(tmp_path, cache_dir, {**bad, "nan2": _nan_latents()})
+    return compose_train(
+        "data=latent_shards",
+        "data.height=32",
+        "data.width=32",
+        "data.num_frames=17",
+        "data.num_workers=2",  # the counts of both workers are summed
+        f"data.train.urls_or_dir={shards}",
+        "data.train.shuffle_buffer=0",
+        "batch.global_size=2",
+        "batch.micro_size=2",
+        "trainer.max_steps=6",  # 12 good samples: every batch of the first pass
+        "validation.every_n_steps=0",
+        "export.formats=[]",
+        f"paths.cache_dir={cache_dir}",
+        f"run_dir={tmp_path / 'run'}",
+        *overrides,
+        root=tmp_path,
+    )
+
+
+def test_skipped_samples_are_counted_in_the_metrics_and_the_summary(tmp_path, cache_dir):
+    from t3.summary import read_run_summary
+
+    cfg = _skipping_run(tmp_path, cache_dir, "data.max_skipped_fraction=0.5")
+    metrics, _ = train(cfg)
+    expected = {"data/skipped": 4.0, "data/skipped_bad_shape": 2.0, "data/skipped_non_finite": 2.0}
+    assert {k: metrics[k] for k in expected} == expected
+    # Skipped over skipped plus read samples (the trainer reads a batch ahead: 12 or 14 samples by the end).
+    assert 4 / 18 <= metrics["data/skipped_fraction"] <= 4 / 16
+    logged = read_metrics(Path(cfg.run_dir))
+    assert logged["data/skipped"][5] == 4.0  # in metrics.csv, per step
+    summary = read_run_summary(cfg.run_dir)
+    assert summary["status"] == "completed"
+    assert {k: summary["metrics"][k] for k in expected} == expected
+
+
+def test_too_many_skipped_samples_stop_the_run_with_a_clear_error(tmp_path, cache_dir):
+    from t3.summary import read_run_summary
+    from t3.training.callbacks import DataSkipError
+
+    cfg = _skipping_run(tmp_path, cache_dir, "data.max_skipped_fraction=0.1")
+    words = r"% of the training data was skipped \(4 of 1\d items: bad_shape=2, non_finite=2\), more than data.max_skipped_fraction=0.1"
+    with pytest.raises(DataSkipError, match=words) as info:
+        train(cfg)
+    assert "\n" not in str(info.value)
+    summary = read_run_summary(cfg.run_dir)
+    assert summary["status"] == "failed" and "max_skipped_fraction" in summary["error"]

@@ -160,3 +160,26 @@ def test_objective_config_builds_the_authors_sampler_and_loss_weight():
     assert authors.weighting == BellWeighting(shift=3.0, num_timesteps=1000, num_train_timesteps=1000)
     plain = module()
     assert plain.sampler == ShiftedSampler(shift=5.0) and plain.weighting is None
+
+
+def test_stream_loader_sums_the_skips_of_every_worker(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from t3.data import build_latent_dataset, write_shards
+    from t3.training.datamodule import SkipTally, _Epochs, _StreamLoader
+
+    samples = []
+    for i in range(16):
+        latents = torch.randn(4, 1, 2, 2)
+        if i % 5 == 0:
+            latents[0, 0, 0, 0] = float("nan")  # 4 bad samples: 0, 5, 10, 15
+        samples.append({"__key__": f"{i:06d}", "latents": latents, "text": torch.randn(3, 8), "caption": "x"})
+    write_shards(samples, tmp_path, maxcount=4)
+    dataset = build_latent_dataset(tmp_path, batch_size=2, shuffle_shards=False)
+    tally = SkipTally()
+    loader = DataLoader(_Epochs(dataset), batch_size=None, num_workers=2)
+    stream = iter(_StreamLoader(loader, skip_batches=lambda: 0, rank=0, world_size=1, tally=tally))
+    batches = [next(stream) for _ in range(12)]  # 6 batches per pass (12 good samples): two passes
+    assert all("__skipped__" not in b for b in batches)
+    # Each worker reports the skips of a pass after its last batch of it, so the first pass is complete.
+    assert tally.skipped["non_finite"] >= 4 and tally.samples == 24

@@ -14,6 +14,7 @@ from t3.data.buckets import BucketBatcher, collate_samples, consecutive_batches,
 from t3.data.shards import (
     SCHEMA_VERSION,
     SKIP_REASONS,
+    SKIPPED_KEY,
     LatentShardDataset,
     PrepareResult,
     SampleError,
@@ -46,6 +47,7 @@ from t3.data.video import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SKIPPED_KEY",
     "SKIP_REASONS",
     "BucketBatcher",
     "Clip",

@@ -76,6 +76,7 @@ def _webdataset():
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SKIPPED_KEY",
     "SKIP_REASONS",
     "LatentShardDataset",
     "SampleError",
@@ -113,6 +114,10 @@ FIELDS = (LATENTS, TEXT, CAPTION, META)
 SKIP_REASONS = ("read_error", "missing_field", "decode_error", "bad_shape", "non_finite")
 
 DEFAULT_TEXT_LEN = 512
+
+#: Every item the reader yields carries ``{reason: count}`` of the skips since the previous item of this
+#: reader (process), so that skips can be totalled across dataloader workers and ranks.
+SKIPPED_KEY = "__skipped__"
 
 
 class SampleError(ValueError):
@@ -286,7 +291,8 @@ class SkipCounter:
     Also a webdataset exception handler (``handler=counter.handler``): it records the error as
     ``"read_error"`` and tells webdataset to continue with the next member or shard.
 
-    In a ``DataLoader`` with workers each worker process has its own copy; each logs its own summary.
+    In a ``DataLoader`` with workers each worker process has its own copy; each logs its own summary, and
+    :meth:`take_unreported` passes the counts on with the items (``__skipped__``) for a total.
 
     Args:
         max_examples: Examples kept per reason.
@@ -302,6 +308,7 @@ class SkipCounter:
         self.log_first = log_first
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self._unreported: Counter[str] = Counter()
 
     @property
     def total(self) -> int:
@@ -322,12 +329,23 @@ class SkipCounter:
             detail: What was wrong.
         """
         self.counts[reason] += 1
+        self._unreported[reason] += 1
         message = f"{where}: {detail}"
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
             examples.append(message)
         level = logging.WARNING if self.counts[reason] <= self.log_first else logging.DEBUG
         logger.log(level, "skipping %s (%s)", message, reason)
+
+    def take_unreported(self) -> dict[str, int]:
+        """Skips recorded since the last call, by reason (kept across :meth:`reset`), then forgotten.
+
+        The reader attaches them to the next item it yields, so a consumer in another process (a dataloader
+        worker's reader is a copy) can total every worker's skips.
+        """
+        taken = dict(self._unreported)
+        self._unreported.clear()
+        return taken
 
     def handler(self, exn: BaseException) -> bool:
         """webdataset handler: count the error as ``"read_error"`` and continue."""
@@ -486,7 +504,9 @@ def check_shard_source(urls_or_dir: str | os.PathLike | Sequence[str | os.PathLi
     if missing:
         if len(urls) == 1:
             raise FileNotFoundError("no such file or folder")
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard files do not exist (first: {missing[0]})")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shard files do not exist (first: {missing[0]})"
+        )
     return urls
 
 
@@ -660,6 +680,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         try:
             for item in self._pipeline():
                 count += 1
+                item[SKIPPED_KEY] = self.skips.take_unreported()
                 yield item
             finished = True
         finally:

@@ -4,6 +4,8 @@
   checkpoint interval, so ``last.ckpt`` always holds the final step.
 * `StepTimer` logs ``perf/step_time_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` and, on CUDA,
   ``perf/peak_mem_gb`` once per optimizer step.
+* `DataSkipMonitor` totals the skipped training data by reason over workers and ranks, logs it
+  (``data/skipped*``) and stops the run past ``data.max_skipped_fraction``.
 * `EMACallback` keeps an fp32 exponential moving average of the trainable weights; its state is part of
   every checkpoint (so a resumed EMA is exact) and `t3.training.export` writes it beside the raw weights.
 * `SampleVideoCallback` generates a few videos at each validation with the model being trained and logs
@@ -26,7 +28,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from t3.config import SampleVideosConfig
 
-__all__ = ["EMACallback", "SampleVideoCallback", "StepCheckpoint", "StepTimer"]
+__all__ = [
+    "DataSkipError",
+    "DataSkipMonitor",
+    "EMACallback",
+    "SampleVideoCallback",
+    "StepCheckpoint",
+    "StepTimer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +120,81 @@ class StepTimer(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation time is not training step time.
         self._last_time = time.perf_counter()
+
+
+class DataSkipError(RuntimeError):
+    """More of the training data was skipped than ``data.max_skipped_fraction`` allows."""
+
+
+class DataSkipMonitor(Callback):
+    """Totals the training data skipped by reason over workers and ranks, logs it, and stops past a limit.
+
+    Once per optimizer step the per-rank counts of the data module (`t3.training.datamodule.SkipTally`)
+    are summed over the ranks (one small all-reduce) and logged as ``data/skipped`` (items skipped in
+    total), ``data/skipped_<reason>`` (each reason met so far) and ``data/skipped_fraction`` (skipped
+    over skipped plus delivered samples); the last values land in ``summary.json`` with the other metrics.
+    The run stops with `DataSkipError` when the fraction exceeds ``max_fraction``: from
+    ``min_items`` items read on (a few bad samples early on must not stop a healthy run), and at the end of
+    training whatever the count.
+
+    Args:
+        max_fraction: Largest tolerated fraction; None never stops.
+        min_items: Items read (samples plus skips) before the fraction is judged during training.
+    """
+
+    def __init__(self, max_fraction: float | None, min_items: int = 1000) -> None:
+        from t3.data import SKIP_REASONS
+
+        self.max_fraction = max_fraction
+        self.min_items = min_items
+        self.reasons = SKIP_REASONS
+        self.counts: dict[str, float] = {}
+        self._last_step: int | None = None
+
+    def _tally(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        tally = getattr(trainer.datamodule, "skip_tally", None)
+        local = [0.0] * (len(self.reasons) + 1)
+        if tally is not None:
+            local = [float(tally.samples), *(float(tally.skipped[r]) for r in self.reasons)]
+        totals = trainer.strategy.reduce(
+            torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        ).tolist()
+        return {"samples": totals[0], **dict(zip(self.reasons, totals[1:], strict=True))}
+
+    def _metrics(self) -> dict[str, float]:
+        skipped = sum(self.counts[r] for r in self.reasons)
+        read = skipped + self.counts["samples"]
+        metrics = {"data/skipped": skipped, "data/skipped_fraction": skipped / read if read else 0.0}
+        metrics.update({f"data/skipped_{r}": self.counts[r] for r in self.reasons if self.counts[r]})
+        return metrics
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_step:  # still accumulating
+            return
+        self._last_step = trainer.global_step
+        self.counts = self._tally(trainer, pl_module)  # collective: every rank is here at the same step
+        metrics = self._metrics()
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        read = metrics["data/skipped"] + self.counts["samples"]
+        if read >= self.min_items:
+            self._check(metrics)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.counts:
+            self._check(self._metrics())
+
+    def _check(self, metrics: dict[str, float]) -> None:
+        fraction = metrics["data/skipped_fraction"]
+        if self.max_fraction is None or fraction <= self.max_fraction:
+            return
+        skipped = int(metrics["data/skipped"])
+        reasons = ", ".join(f"{r}={int(self.counts[r])}" for r in self.reasons if self.counts[r])
+        raise DataSkipError(
+            f"{100 * fraction:.1f}% of the training data was skipped ({skipped} of "
+            f"{skipped + int(self.counts['samples'])} items: {reasons}), more than "
+            f"data.max_skipped_fraction={self.max_fraction:g}; fix the data (each skip is logged with its "
+            "shard and key) or raise the limit"
+        )
 
 
 class EMACallback(Callback):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from t3.data import collate_samples
+from t3.data import SKIPPED_KEY, collate_samples
 
 __all__ = [
+    "SkipTally",
     "StepSampler",
     "T3DataModule",
     "held_out_shards",
@@ -322,8 +324,29 @@ def collate_with_positions(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class SkipTally:
+    """What this rank's training stream delivered: samples, and the items its readers skipped by reason.
+
+    Counted in the main process from the ``__skipped__`` counts every reader item carries (`t3.data`), so
+    it covers all dataloader workers; `t3.training.callbacks.DataSkipMonitor` sums it over the ranks.
+    A resumed run re-reads the batches it fast-forwards over, so its counts continue where they stood.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.skipped: Counter[str] = Counter()
+
+    def add(self, skipped: Mapping[str, int] | None, samples: int = 0) -> None:
+        self.samples += samples
+        self.skipped.update(skipped or {})
+
+
 class _Epochs(IterableDataset):
-    """A streaming reader repeated over epochs (``set_epoch`` before each), forever."""
+    """A streaming reader repeated over epochs (``set_epoch`` before each), forever.
+
+    After each pass it yields the reader's skips not yet attached to a batch (bad samples after its last
+    batch) as an item of their own, ``{"__skipped__": {...}}``, which `_StreamLoader` counts and drops.
+    """
 
     def __init__(self, reader: IterableDataset) -> None:
         self.reader = reader
@@ -337,6 +360,10 @@ class _Epochs(IterableDataset):
             for batch in self.reader:
                 count += 1
                 yield batch
+            skips = getattr(self.reader, "skips", None)
+            rest = skips.take_unreported() if skips is not None else {}
+            if rest:
+                yield {SKIPPED_KEY: rest}
             if count == 0:  # this worker has no shards: stop it, the others carry on
                 return
             epoch += 1
@@ -353,25 +380,38 @@ class _StreamLoader:
     """
 
     def __init__(
-        self, loader: DataLoader, *, skip_batches: Callable[[], int], rank: int, world_size: int
+        self,
+        loader: DataLoader,
+        *,
+        skip_batches: Callable[[], int],
+        rank: int,
+        world_size: int,
+        tally: SkipTally | None = None,
     ) -> None:
         self.loader = loader
         self.skip_batches = skip_batches
         self.rank = rank
         self.world_size = world_size
+        self.tally = tally if tally is not None else SkipTally()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         skip = int(self.skip_batches())
         if skip:
             logger.info("data: fast-forwarding the shard stream by %d batches on rank %d", skip, self.rank)
-        sample = 0
-        for i, batch in enumerate(self.loader):
+        sample = batches = 0
+        for batch in self.loader:
+            skipped = batch.pop(SKIPPED_KEY, None)
+            if "latents" not in batch:  # a reader's skips at the end of a pass
+                self.tally.add(skipped)
+                continue
             size = len(batch["latents"])
-            if i >= skip:
+            self.tally.add(skipped, size)
+            if batches >= skip:
                 # Unique across ranks: interleave the ranks' per-rank sample counters.
                 local = torch.arange(sample, sample + size, dtype=torch.int64)
                 batch["position"] = local * self.world_size + self.rank
                 yield batch
+            batches += 1
             sample += size
         # The stream repeats epochs forever; it only ends when this rank has no data at all, and a rank
         # without batches would leave the others waiting in their collectives.
@@ -422,6 +462,7 @@ class T3DataModule(L.LightningDataModule):
         self.val_num_batches = val_num_batches
         self.train_set: Dataset | IterableDataset | None = None
         self.val_set: Dataset | IterableDataset | None = None
+        self.skip_tally = SkipTally()  # of the training stream on this rank
         # Preparing writes shared files: once per job (shared file system), not once per node.
         self.prepare_data_per_node = False
 
@@ -463,6 +504,7 @@ class T3DataModule(L.LightningDataModule):
                 skip_batches=lambda: self._global_step() * self.accumulate,
                 rank=rank,
                 world_size=world,
+                tally=self.skip_tally,
             )
         sampler = StepSampler(
             len(self.train_set),  # type: ignore[arg-type]
@@ -526,6 +568,7 @@ class _FirstBatches:
         for i, batch in enumerate(self.loader):
             if i >= self.num_batches:
                 return
+            batch.pop(SKIPPED_KEY, None)  # validation skips are logged by the reader, not counted
             size = len(batch["latents"])
             batch["position"] = (
                 torch.arange(sample, sample + size, dtype=torch.int64) * self.world_size + self.rank

@@ -111,7 +111,13 @@ def _wandb_run_id(run_dir: Path) -> str:
 
 
 def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback]:
-    from t3.training.callbacks import EMACallback, SampleVideoCallback, StepCheckpoint, StepTimer
+    from t3.training.callbacks import (
+        DataSkipMonitor,
+        EMACallback,
+        SampleVideoCallback,
+        StepCheckpoint,
+        StepTimer,
+    )
 
     callbacks: list[Callback] = [
         # Keep one step checkpoint and point last.ckpt at it: an interrupted save leaves the previous one.
@@ -125,6 +131,7 @@ def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback
             save_on_train_epoch_end=False,
         ),
         StepTimer(cfg.batch.global_size, int(torch.tensor(facts.grid).prod())),
+        DataSkipMonitor(cfg.data.max_skipped_fraction),
     ]
     if cfg.ema.enabled:
         callbacks.append(EMACallback(cfg.ema.decay))
