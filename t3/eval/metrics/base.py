@@ -8,7 +8,6 @@ back to a different model under the same name.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from t3.io import sha256_file
 from t3.video_io import VideoIOError, read_video, video_info
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 22  # 4 MiB reads: fast on network file systems without holding a checkpoint in memory
 
 
 class WeightsError(ValueError):
@@ -92,15 +91,6 @@ def resolve_weights(key: str, path: str | os.PathLike | None) -> Path | str:
     if not path.exists():
         return f"weights not found at {path} ({key})"
     return path
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (what ``sha256sum`` prints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def uniform_indices(num_frames: int, count: int) -> list[int]:
