@@ -35,6 +35,10 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise SystemExit(f"config error: {err}") from None
+        from t3.training.checkpoints import ResumeRefusedError
+
+        if isinstance(err, ResumeRefusedError):  # the folder's summary stays that of the run it holds
+            raise
         # In a sweep, fail this job only (SystemExit would end the whole sweep) and leave its reason
         # in summary.json for `python -m t3.report`.
         from t3.training.train import write_train_summary

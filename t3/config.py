@@ -299,11 +299,16 @@ class EMAConfig:
 class CheckpointConfig:
     """Resumable Lightning checkpoints in ``${run_dir}/checkpoints`` (``last.ckpt`` links the newest).
 
+    Each has a ``.sha256.json`` beside it; a rerun resumes from the newest intact one
+    (`t3.training.checkpoints`).
+
     Attributes:
         every_n_steps: Save every this many optimizer steps (and at the end).
+        keep: Checkpoints kept (the newest); with 2 or more, a damaged newest one has a fallback.
     """
 
     every_n_steps: int = 250
+    keep: int = 2
 
 
 @dataclass
@@ -408,7 +413,10 @@ class TrainConfig:
         run_dir: Everything of a run: checkpoints, logs, exports. Deterministic, so rerunning the same
             command resumes (see ``resume``).
         seed: Global seed (data order, noise, initialisation).
-        resume: Continue from ``${run_dir}/checkpoints/last.ckpt`` when it exists.
+        resume: Continue from the newest intact checkpoint of ``run_dir`` when there is one; false moves
+            the previous run's outputs to ``run_dir/previous_runs/<time>/`` and starts over.
+        resume_changed_config: Resume a checkpoint trained with other settings (a different training
+            digest, `t3.training.checkpoints.training_digest`) instead of refusing.
         dry_run: Build everything on the meta device, print the plan (grid, layer plans, MACs, memory,
             throughput) and exit; needs no weights.
         dry_run_tflops: Sustained dense bf16 TFLOP/s per GPU assumed by the dry run's throughput estimate.
@@ -423,6 +431,7 @@ class TrainConfig:
     run_dir: str = "${paths.output_dir}/${experiment_name}"
     seed: int = 42
     resume: bool = True
+    resume_changed_config: bool = False
     dry_run: bool = False
     dry_run_tflops: float = 400.0
     dry_run_num_gpus: int | None = None
@@ -812,6 +821,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
             "validation.sigmas", list(cfg.validation.sigmas), "must be a non-empty list of numbers in [0, 1]"
         )
     _check_range(cfg, "checkpoint.every_n_steps", low=1)
+    _check_range(cfg, "checkpoint.keep", low=1)
     _check_range(cfg, "max_consecutive_bad_steps", low=1)
     for fmt in cfg.export.formats:
         if fmt not in EXPORT_FORMATS:

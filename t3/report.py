@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from t3.io import atomic_path, write_json_atomic, write_text_atomic
-from t3.summary import SUMMARY_NAME, read_run_summary
+from t3.summary import PREVIOUS_RUNS_DIR, SUMMARY_NAME, read_run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,11 @@ def collect(sweep_dir: str | Path) -> Report:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder not found: {sweep_dir}")
-    run_dirs = {p.parent for p in sweep_dir.rglob(SUMMARY_NAME)}
+    run_dirs = {
+        p.parent
+        for p in sweep_dir.rglob(SUMMARY_NAME)
+        if PREVIOUS_RUNS_DIR not in p.relative_to(sweep_dir).parts
+    }
     run_dirs |= {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
     runs = []
     for run_dir in sorted(run_dirs, key=lambda p: (len(p.parts), _natural(p.name))):

@@ -23,6 +23,9 @@ from typing import Any
 from t3.io import write_json_atomic
 
 SUMMARY_NAME = "summary.json"
+#: Inside a run folder, where ``resume=false`` moves a previous run's outputs (`t3.training.checkpoints`);
+#: reports do not count the summaries kept there as runs.
+PREVIOUS_RUNS_DIR = "previous_runs"
 SCHEMA_VERSION = 1
 STATUSES = ("completed", "failed")
 

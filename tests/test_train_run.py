@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 
@@ -478,3 +479,99 @@ def test_too_many_skipped_samples_stop_the_run_with_a_clear_error(tmp_path, cach
     assert "\n" not in str(info.value)
     summary = read_run_summary(cfg.run_dir)
     assert summary["status"] == "failed" and "max_skipped_fraction" in summary["error"]
+
+
+def test_resume_falls_back_past_a_truncated_or_corrupted_checkpoint(tmp_path, cache_dir, caplog):
+    common = (
+        "batch.global_size=2",
+        "batch.micro_size=2",
+        "checkpoint.every_n_steps=1",  # and checkpoint.keep=2 (the default)
+        "validation.every_n_steps=0",
+        "export.formats=[]",
+        "optim.lr=1e-3",
+    )
+    straight = run_cfg(tmp_path / "a", cache_dir, *common, "trainer.max_steps=6")
+    train(straight)
+
+    def rerun(steps: int):
+        return train(run_cfg(tmp_path / "b", cache_dir, *common, f"trainer.max_steps={steps}"))
+
+    rerun(4)
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step=*")) == [
+        "step=0000003.ckpt", "step=0000003.ckpt.sha256.json", "step=0000004.ckpt", "step=0000004.ckpt.sha256.json",
+    ]  # fmt: skip
+    last = (checkpoints / "last.ckpt").resolve()
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed while writing, say
+    with caplog.at_level(logging.WARNING):
+        rerun(5)  # resumes from step 3
+    assert "step=0000004.ckpt is not usable: step=0000004.ckpt has sha256" in caplog.text
+
+    newest = (checkpoints / "last.ckpt").resolve()
+    assert newest.name == "step=0000005.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one flipped bit, the file still loads
+    newest.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rerun(6)  # resumes from step 4
+    assert "step=0000005.ckpt is not usable" in caplog.text
+    assert sorted(p.name for p in (checkpoints / "damaged").iterdir() if p.suffix == ".ckpt") == [
+        "step=0000004.ckpt", "step=0000005.ckpt",
+    ]  # fmt: skip
+    a, b = read_metrics(Path(straight.run_dir)), read_metrics(tmp_path / "b" / "run")
+    assert sorted(b["train/loss"]) == list(range(6)) and a["train/loss"] == b["train/loss"]
+
+
+def test_changed_settings_are_refused_and_resume_false_starts_clean(tmp_path, cache_dir):
+    from t3.config import ConfigError
+    from t3.summary import read_run_summary
+
+    common = ("trainer.max_steps=2", "validation.every_n_steps=0", "export.formats=[]")
+    train(run_cfg(tmp_path, cache_dir, *common))  # run A
+    run_dir = tmp_path / "run"
+    a_checkpoint = (run_dir / "checkpoints" / "last.ckpt").resolve().read_bytes()
+
+    # The same folder with another learning rate: refused in one line naming the change; A's summary stays.
+    with pytest.raises(ConfigError) as info:
+        train(run_cfg(tmp_path, cache_dir, *common, "optim.lr=1e-3"))
+    assert "optim.lr: 2e-05 -> 0.001" in str(info.value) and "\n" not in str(info.value)
+    assert read_run_summary(run_dir)["status"] == "completed"
+
+    # resume=false: run B starts clean; A's outputs are kept in previous_runs/<time>/.
+    train(run_cfg(tmp_path, cache_dir, *common, "optim.lr=1e-3", "resume=false"))
+    (previous,) = (run_dir / "previous_runs").iterdir()
+    assert (previous / "checkpoints" / "step=0000002.ckpt").read_bytes() == a_checkpoint
+    assert (previous / "summary.json").is_file() and (
+        previous / "csv" / "version_0" / "metrics.csv"
+    ).is_file()
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # B's log only
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve().read_bytes() != a_checkpoint
+
+    # Rerunning B (longer) resumes B, not A.
+    train(
+        run_cfg(
+            tmp_path,
+            cache_dir,
+            "trainer.max_steps=3",
+            "validation.every_n_steps=0",
+            "export.formats=[]",
+            "optim.lr=1e-3",
+        )
+    )
+    with open(run_dir / "csv" / "version_1" / "metrics.csv") as f:
+        assert {int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]} == {2}
+
+    # An explicit resume_changed_config=true continues B with other settings.
+    train(
+        run_cfg(
+            tmp_path,
+            cache_dir,
+            "trainer.max_steps=4",
+            "validation.every_n_steps=0",
+            "export.formats=[]",
+            "optim.lr=2e-3",
+            "resume_changed_config=true",
+        )
+    )
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

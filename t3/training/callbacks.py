@@ -1,7 +1,7 @@
 """Lightning callbacks of a t3 training run: step timing, EMA of the trainable weights, sample videos.
 
 * `StepCheckpoint` is Lightning's ``ModelCheckpoint`` that also saves when training ends off the
-  checkpoint interval, so ``last.ckpt`` always holds the final step.
+  checkpoint interval, so ``last.ckpt`` always holds the final step, and keeps the newest few.
 * `StepTimer` logs ``perf/step_time_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` and, on CUDA,
   ``perf/peak_mem_gb`` once per optimizer step.
 * `DataSkipMonitor` totals the skipped training data by reason over workers and ranks, logs it
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also saves at the end of training when the last step was not saved.
 
+    It keeps the newest ``save_top_k`` checkpoints when it monitors ``step`` (``mode="max"``), and removes
+    a checkpoint's checksum file with it.
+
     With ``every_n_train_steps`` alone, a run whose ``max_steps`` is not a multiple of the interval would
     leave ``last.ckpt`` behind its final weights, and rerunning it with a larger ``max_steps`` would redo
     those steps.
@@ -61,6 +64,13 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:  # its checksum file (t3.training.checkpoints) goes with it
+            from t3.training.checkpoints import checksum_file
+
+            checksum_file(filepath).unlink(missing_ok=True)
 
 
 class StepTimer(Callback):

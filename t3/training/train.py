@@ -4,8 +4,9 @@ Order of events: export the ranks of a submitit task (`t3.launch`); validate the
 `ConfigError` on anything impossible, before any model is built); for ``dry_run=true`` report the plan
 and stop; otherwise build the data module, the `T3FinetuneModule`, the strategy, loggers and callbacks,
 and a Lightning ``Trainer`` whose gradient accumulation keeps the global batch fixed for any GPU count;
-fit, resuming from the newest of ``${run_dir}/checkpoints/last.ckpt`` and a SLURM pre-emption checkpoint
-when one exists; export the fine-tuned DiT.
+fit, resuming from the newest intact checkpoint (step checkpoints and SLURM pre-emption saves, verified
+against their checksums and the config's training digest: `t3.training.checkpoints`) when one exists, or
+with ``resume=false`` after moving the previous run's outputs aside; export the fine-tuned DiT.
 
 ``run_dir`` is a pure function of the config (``outputs/<experiment_name>`` by default), so killing a run
 and rerunning the same command continues it.
@@ -29,8 +30,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from t3.config import RunFacts, validate
+from t3.training.checkpoints import (
+    ChecksummedTrainer,
+    ResumeRefusedError,
+    find_resume_checkpoint,
+    move_run_aside,
+    newest_checkpoint,
+    training_digest,
+)
 
-__all__ = ["find_resume_checkpoint", "train"]
+__all__ = ["train"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +58,6 @@ def _setup_logging() -> None:
         for handler in list(lightning_logger.handlers):
             if type(handler) is logging.StreamHandler:
                 lightning_logger.removeHandler(handler)
-
-
-def find_resume_checkpoint(run_dir: str | Path) -> str | None:
-    """The newest checkpoint a previous run of ``run_dir`` left, or None.
-
-    Candidates are ``checkpoints/last.ckpt`` (a link to the newest step checkpoint) and the
-    ``hpc_ckpt_<n>.ckpt`` that Lightning's SLURM environment saves on pre-emption (``slurm/``); a
-    checkpoint is a file, or a folder for DeepSpeed and FSDP2.
-    """
-    run_dir = Path(run_dir)
-    candidates = [
-        p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()
-    ]
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: p.resolve().stat().st_mtime))
 
 
 def _dataset_factory(node: Any) -> Any:
@@ -120,13 +113,16 @@ def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback
     )
 
     callbacks: list[Callback] = [
-        # Keep one step checkpoint and point last.ckpt at it: an interrupted save leaves the previous one.
+        # Keep the newest checkpoint.keep step checkpoints and point last.ckpt at the newest: a damaged or
+        # interrupted save leaves older ones to resume from (t3.training.checkpoints).
         StepCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
             filename="step={step:07d}",
             auto_insert_metric_name=False,
             every_n_train_steps=cfg.checkpoint.every_n_steps,
-            save_top_k=1,  # with no monitor: the newest
+            monitor="step",
+            mode="max",
+            save_top_k=cfg.checkpoint.keep,
             save_last="link",
             save_on_train_epoch_end=False,
         ),
@@ -165,7 +161,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[
     try:
         metrics, objects = _train(cfg, callbacks=callbacks)
     except Exception as err:
-        if not cfg.get("dry_run"):
+        # A refused resume ran nothing: the folder's summary stays that of the run it holds.
+        if not cfg.get("dry_run") and not isinstance(err, ResumeRefusedError):
             write_train_summary(cfg, "failed", started, error=f"{type(err).__name__}: {err}")
         raise
     if not cfg.dry_run:
@@ -210,7 +207,7 @@ def write_train_summary(
                 **{k: v for k, v in metrics.items() if k.startswith("perf/")},
                 "device": device_name(device),
             },
-            checkpoint=str(checkpoint or find_resume_checkpoint(cfg.run_dir) or "") or None,
+            checkpoint=str(checkpoint or newest_checkpoint(cfg.run_dir) or "") or None,
             error=None if error is None else error.splitlines()[0],
             started=started,
         )
@@ -250,6 +247,8 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
     from t3.training.strategies import build_strategy, fsdp2_parallelize
 
     run_dir = Path(cfg.run_dir)
+    digest = training_digest(cfg)
+    ckpt_path = _resume_point(cfg, run_dir, digest)  # before anything heavy is built
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -290,7 +289,8 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         val_num_batches=cfg.validation.num_batches,
     )
 
-    trainer = L.Trainer(
+    trainer = ChecksummedTrainer(
+        training_digest=digest,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
@@ -326,7 +326,6 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
             f"config implies {facts.world_size} (devices x num_nodes); make them agree"
         )
     _log_config(trainer, cfg)
-    ckpt_path = find_resume_checkpoint(run_dir) if cfg.resume else None
     if ckpt_path:
         logger.info("resuming from %s", ckpt_path)
     logger.info(
@@ -360,6 +359,20 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         "exported": exported,
     }
     return metrics, objects
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path, digest: tuple[str, dict[str, Any]]) -> str | None:
+    """The checkpoint to resume from (`t3.training.checkpoints`), or None to start; ``resume=false`` moves
+    the previous run's outputs aside first (on global rank 0)."""
+    if not cfg.resume:
+        if rank_zero_only.rank == 0:
+            moved = move_run_aside(run_dir)
+            if moved is not None:
+                logger.info("resume=false: the previous run's outputs are now in %s", moved)
+        return None
+    return find_resume_checkpoint(
+        run_dir, digest[0], settings=digest[1], allow_changed_config=cfg.resume_changed_config
+    )
 
 
 def _export(

@@ -34,7 +34,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 class WeightsError(ValueError):
     """Given weights are unusable (wrong hash, wrong kind of file)."""
 
