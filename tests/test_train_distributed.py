@@ -10,6 +10,7 @@ the exported weights must agree up to float reduction order.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -111,11 +112,23 @@ def test_two_processes_match_one(strategy, reference, tmp_path):
 def test_sharded_resume_matches_uninterrupted(strategy, reference, tmp_path):
     ref_dir, cache = reference
     run_dir = tmp_path / "resumed"
-    torchrun(run_dir, cache, f"strategy={strategy}", "trainer.max_steps=2", "export.formats=[]")
-    assert (run_dir / "checkpoints" / "last.ckpt").is_symlink()
-    torchrun(run_dir, cache, f"strategy={strategy}")  # continues from step 2 to 4
+    every_step = "checkpoint.every_n_steps=1"
+    torchrun(run_dir, cache, f"strategy={strategy}", "trainer.max_steps=2", "export.formats=[]", every_step)
+    newest = run_dir / "checkpoints" / "last.ckpt"
+    assert newest.is_symlink() and newest.resolve().is_dir()  # a sharded checkpoint folder
+    # One byte flipped in a file rank 1 wrote: its checksum (one per file of the folder) catches it, and the
+    # run falls back to the checkpoint of step 1.
+    files = json.loads((newest.resolve().parent / (newest.resolve().name + ".sha256.json")).read_text())[
+        "files"
+    ]
+    rank1 = next(name for name in sorted(files) if "rank_1" in name or "__1_" in name)
+    data = bytearray((run_dir / "checkpoints" / rank1).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (run_dir / "checkpoints" / rank1).write_bytes(bytes(data))
+    torchrun(run_dir, cache, f"strategy={strategy}", every_step)  # continues from step 1 to 4
     with open(run_dir / "csv" / "version_1" / "metrics.csv") as f:  # the second start resumed, not restarted
-        assert {int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]} == {2, 3}
+        assert {int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]} == {1, 2, 3}
+    assert (run_dir / "checkpoints" / "damaged" / "step=0000002.ckpt").is_dir()
     straight = tmp_path / "straight"
     torchrun(straight, cache, f"strategy={strategy}")
     a, b = read_metrics(straight), read_metrics(run_dir)
