@@ -9,7 +9,7 @@ Three ways start a training run, and in each exactly one party creates the proce
   ``SIGUSR1`` it saves ``hpc_ckpt_<n>.ckpt`` into the run folder and requeues the job.
 - ``python train.py -m ... hydra/launcher=slurm`` (or ``local``): submitit starts
   ``tasks_per_node`` tasks per node and runs the Hydra job in each; the launcher's own requeue (SIGUSR2,
-  ``max_num_timeout``) reruns the job, which resumes from ``checkpoints/last.ckpt``.
+  ``max_num_timeout``) reruns the job, which resumes from its newest intact checkpoint.
 
 In the submitit case Lightning must not spawn ranks of its own: `prepare_distributed_environment`
 exports ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (and ``NODE_RANK``,
