@@ -92,18 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Every argument is checked before any model is loaded (umT5-XXL alone takes minutes).
         spec = get_spec(args.preset)
-        fps = args.fps or None
+        fps = args.fps or None  # 0: the source's rate
+        clip = {
+            "spec": spec,
+            "height": args.height,
+            "width": args.width,
+            "frames": args.frames,
+            "start": args.start,
+            "max_upscale": args.max_upscale,
+            "samples_per_shard": args.samples_per_shard,
+        }
+        tiles = {"tile_size": args.tile_size, "tile_stride": args.tile_stride}
         check_prepare_arguments(
-            spec,
-            height=args.height,
-            width=args.width,
-            frames=args.frames,
-            fps=args.fps if args.fps < 0 else fps,  # 0 means the source's rate; negative is an error
-            start=args.start,
-            max_upscale=args.max_upscale,
-            samples_per_shard=args.samples_per_shard,
-            tile_size=args.tile_size,
-            tile_stride=args.tile_stride,
+            **clip,
+            **tiles,
+            fps=args.fps if args.fps < 0 else fps,
             decode_workers=args.decode_workers,
             name=lambda key: "--" + key.replace("_", "-"),
         )
@@ -122,19 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # Settings that differ from existing shards in --out are refused now; the models' identities are
         # compared once they are loaded.
         check_existing_settings(
-            args.out,
-            prepare_settings(
-                entries,
-                spec=spec,
-                height=args.height,
-                width=args.width,
-                frames=args.frames,
-                fps=fps,
-                start=args.start,
-                max_upscale=args.max_upscale,
-                samples_per_shard=args.samples_per_shard,
-                latent_dtype=_DTYPES[args.latent_dtype],
-            ),
+            args.out, prepare_settings(entries, **clip, fps=fps, latent_dtype=_DTYPES[args.latent_dtype])
         )
         text_dtype = args.text_dtype
         if text_dtype == "auto":
@@ -149,17 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             vae=vae,
             text_cache=cache,
-            spec=spec,
-            height=args.height,
-            width=args.width,
-            frames=args.frames,
+            **clip,
+            **tiles,
             fps=fps,
-            start=args.start,
-            max_upscale=args.max_upscale,
-            samples_per_shard=args.samples_per_shard,
             tiled=args.tiled,
-            tile_size=args.tile_size,
-            tile_stride=args.tile_stride,
             latent_dtype=_DTYPES[args.latent_dtype],
             decode_workers=args.decode_workers,
             progress=not args.no_progress,

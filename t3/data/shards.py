@@ -1148,18 +1148,18 @@ def prepare_shards(
         ValueError: If the settings do not fit the preset or differ from those of existing shards in
             ``out_dir``.
     """
+    clip = {
+        "spec": spec,
+        "height": height,
+        "width": width,
+        "frames": frames,
+        "fps": fps,
+        "start": start,
+        "max_upscale": max_upscale,
+        "samples_per_shard": samples_per_shard,
+    }
     latent_shape = check_prepare_arguments(
-        spec,
-        height=height,
-        width=width,
-        frames=frames,
-        fps=fps,
-        start=start,
-        max_upscale=max_upscale,
-        samples_per_shard=samples_per_shard,
-        tile_size=tile_size,
-        tile_stride=tile_stride,
-        decode_workers=decode_workers,
+        **clip, tile_size=tile_size, tile_stride=tile_stride, decode_workers=decode_workers
     )
     z_dim = getattr(getattr(vae, "config", None), "z_dim", spec.vae_channels)
     if z_dim != spec.vae_channels:
@@ -1170,18 +1170,7 @@ def prepare_shards(
 
     out_dir = Path(out_dir)
     settings = {
-        **prepare_settings(
-            entries,
-            spec=spec,
-            height=height,
-            width=width,
-            frames=frames,
-            fps=fps,
-            start=start,
-            max_upscale=max_upscale,
-            samples_per_shard=samples_per_shard,
-            latent_dtype=latent_dtype,
-        ),
+        **prepare_settings(entries, **clip, latent_dtype=latent_dtype),
         "vae": module_fingerprint(vae),
         "text_encoder": text_cache.identity,
         "text_len": text_cache.max_length,
