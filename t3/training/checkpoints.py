@@ -17,11 +17,12 @@ changed settings, unless ``resume_changed_config=true``.
 
 **The training digest** covers the settings that change what is trained: the model and its T3
 schedule, the data source and reader settings, batch, finetune, optim, objective, EMA, seed, and the
-trainer's numerics and parallelism (accelerator, devices, nodes, precision, clipping, determinism,
-strategy). It leaves out where things go and what is only recorded or checked (`UNTRAINED_KEYS`,
-`UNTRAINED_NAMES`): paths of every kind (outputs, caches, weights and data; a resumed run takes its
-weights from the checkpoint, and staged data may move), logging, checkpointing, export, validation,
-the resume and dry-run switches, the stop thresholds, and ``trainer.max_steps`` (a longer run continues
+trainer's numerics (accelerator, precision, clipping, determinism) and strategy. It leaves out where
+things go and what is only recorded or checked (`UNTRAINED_KEYS`, `UNTRAINED_NAMES`): paths of every
+kind (outputs, caches, weights and data; a resumed run takes its weights from the checkpoint, and staged
+data may move), logging, checkpointing, export, validation, the resume and dry-run switches, the stop
+thresholds, the GPU, node and dataloader-worker counts (a requeued job may get other ones; the global
+batch stays fixed, as the sweep folder names assume), and ``trainer.max_steps`` (a longer run continues
 the same one; a cosine schedule's length enters through its effective ``optim.decay_steps``).
 
 **Starting over.** ``resume=false`` moves the previous run's outputs (`RUN_OUTPUTS`: checkpoints,
@@ -85,6 +86,9 @@ UNTRAINED_KEYS = (
     "validation",
     "data.val",
     "data.max_skipped_fraction",
+    "data.num_workers",
+    "trainer.devices",
+    "trainer.num_nodes",
     "trainer.log_every_n_steps",
     "trainer.max_steps",
     "resume",
@@ -254,11 +258,15 @@ def _candidates(run_dir: Path) -> list[Path]:
     found += list(run_dir.glob("hpc_ckpt_*.ckpt"))
 
     def key(path: Path) -> tuple[int, float, float]:
+        try:  # another rank may be moving a damaged one aside meanwhile
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
         try:
             step = json.loads(checksum_file(path).read_text())["step"]
         except (OSError, ValueError, KeyError, TypeError):
-            return (1, 0.0, path.stat().st_mtime)
-        return (0, float(step), path.stat().st_mtime)
+            return (1, 0.0, mtime)
+        return (0, float(step), mtime)
 
     return sorted(found, key=key, reverse=True)
 
@@ -330,8 +338,9 @@ def find_resume_checkpoint(
             f"no intact checkpoint to resume in {run_dir}: {listing}; rerun with resume=false to start over "
             f"(the old run is moved to {PREVIOUS_RUNS_DIR}/, not deleted)"
         )
+    first = rank_zero_only.rank == 0  # one rank moves the damaged ones and says so
     for path, problem in failed:
-        if rank_zero_only.rank == 0:
+        if first:
             _move_damaged(path, run_dir / "checkpoints")
             logger.warning(
                 "checkpoint %s is not usable: %s; moved to checkpoints/%s/", path, problem, DAMAGED_DIR
@@ -339,7 +348,7 @@ def find_resume_checkpoint(
     if chosen is None:
         return None  # only unfinished saves: as if the run had never saved
     path, record = chosen
-    if failed:
+    if failed and first:
         logger.warning("resuming from %s (step %d), the newest intact checkpoint", path, record["step"])
     if digest is not None and record.get("training_digest") != digest:
         what = _changes(record.get("settings") or {}, settings or {})
@@ -349,7 +358,8 @@ def find_resume_checkpoint(
                 "resume=false to start over (the old run is moved aside), or resume_changed_config=true "
                 "to continue with the new ones"
             )
-        logger.warning("resuming %s with changed settings (resume_changed_config=true): %s", path, what)
+        if first:
+            logger.warning("resuming %s with changed settings (resume_changed_config=true): %s", path, what)
     return str(path)
 
 

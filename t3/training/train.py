@@ -124,6 +124,8 @@ def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback
             mode="max",
             save_top_k=cfg.checkpoint.keep,
             save_last="link",
+            # last.ckpt is relinked, never versioned (last-v1.ckpt) while an older checkpoint it links stays.
+            enable_version_counter=False,
             save_on_train_epoch_end=False,
         ),
         StepTimer(cfg.batch.global_size, int(torch.tensor(facts.grid).prod())),
