@@ -92,8 +92,19 @@ class T3AttnProcessor:
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
 
+        hidden_states = self.attend(query, key, value, grid)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)  # [B, L, N*D]
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """This layer's T3 attention of ``[B, L, N, D]`` q, k, v over ``grid``.
+
+        The one step that sequence parallelism replaces (`t3.parallel`): there q, k, v hold only
+        this rank's shard of the tokens.
+        """
         layer_plan = self.schedule.layer_plan(self.layer, grid)
-        hidden_states = t3_attention(
+        return t3_attention(
             query,
             key,
             value,
@@ -105,9 +116,6 @@ class T3AttnProcessor:
             tokens_per_call=self.tokens_per_call,
             layer=self.layer,
         )
-        hidden_states = hidden_states.flatten(2, 3).type_as(query)  # [B, L, N*D]
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
 
 
 @dataclass
