@@ -26,6 +26,7 @@ Assignments are pure arithmetic on the CPU, computed once per (layout, plan, bra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -92,7 +93,7 @@ def owner_counts(layout: ShardLayout, plan: WindowPlan, branches: tuple[Branch, 
     return counts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerAssignment:
     """Who computes what in one layer, and what it costs.
 
@@ -297,10 +298,15 @@ def layer_candidates(
     branches = _check(layout, plan, branches, heads)
     counts = owner_counts(layout, plan, branches)
     real = counts.sum(dim=-1)
-    return {
-        name: _costed(layout, plan, branches, heads, name, policy(counts, real, heads))
-        for name, policy in _POLICIES.items()
-    }
+    candidates: dict[str, LayerAssignment] = {}
+    for name, policy in _POLICIES.items():
+        rank_of = policy(counts, real, heads)
+        same = next((a for a in candidates.values() if torch.equal(a.rank_of, rank_of)), None)
+        if same is not None:  # e.g. no group is resident anywhere: costs are the same
+            candidates[name] = dataclasses.replace(same, policy=name)
+        else:
+            candidates[name] = _costed(layout, plan, branches, heads, name, rank_of)
+    return candidates
 
 
 def choose(candidates: dict[str, LayerAssignment], max_imbalance: float) -> LayerAssignment:
