@@ -22,6 +22,7 @@ from t3.models.tiny import tiny_dit
 from t3.parallel import (
     LayoutError,
     apply_sequence_parallel,
+    assign_layer,
     check_sequence_parallel,
     check_world,
     exchange_plan,
@@ -99,18 +100,21 @@ def test_loss_scale_makes_the_engine_average_exact():
 # ---------------------------------------------------------------- assignment and its costs
 
 
-def _rows_by_brute_force(assignment) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Rows sent and received per rank, counted token by token and head by head."""
+def _rows_by_brute_force(assignment) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Rows sent, received and kept per rank, counted token by token and head by head."""
     layout = assignment.layout
-    owner = layout.owner(torch.arange(layout.num_tokens))
+    owner = layout.owner(torch.arange(layout.num_tokens)).tolist()
     ids = [group_ids(layout.grid, assignment.plan, b) for b in assignment.branches]
-    sent, received = [0] * layout.sp, [0] * layout.sp
+    sent, received, kept = [0] * layout.sp, [0] * layout.sp, [0] * layout.sp
     for x in range(layout.num_tokens):
         for h in range(assignment.heads):
-            for dest in {int(assignment.rank_of[b, ids[b][x], h]) for b in range(len(ids))} - {int(owner[x])}:
-                sent[int(owner[x])] += 1
-                received[dest] += 1
-    return tuple(sent), tuple(received)
+            for dest in {int(assignment.rank_of[b, ids[b][x], h]) for b in range(len(ids))}:
+                if dest == owner[x]:
+                    kept[dest] += 1
+                else:
+                    sent[owner[x]] += 1
+                    received[dest] += 1
+    return tuple(sent), tuple(received), tuple(kept)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +131,8 @@ def test_exchanged_rows_equal_a_token_by_token_count(grid, plan, sp, align):
     for branches in (("local", "dilated"), ("dilated",)):
         computed = effective_branches(plan, grid, branches)
         for assignment in layer_candidates(layout, plan, computed, 3).values():
-            assert (assignment.sent_rows, assignment.received_rows) == _rows_by_brute_force(assignment)
+            counted = (assignment.sent_rows, assignment.received_rows, assignment.kept_rows)
+            assert counted == _rows_by_brute_force(assignment)
             # Every (branch, group, head) with a real token is computed once; groups of padding never.
             nonempty = owner_counts(layout, plan, computed).sum(dim=-1) > 0
             assert torch.equal(assignment.rank_of >= 0, nonempty.unsqueeze(-1).expand(-1, -1, 3))
@@ -175,6 +180,11 @@ def simulated_sp_attention(q, k, v, grid, plan, branches, layout, share_identica
     sp, heads = layout.sp, q.shape[2]
     computed = effective_branches(plan, grid, branches, share_identical)
     plans = [exchange_plan(layout, plan, computed, heads, r, policy=policy) for r in range(sp)]
+    assignment = assign_layer(layout, plan, computed, heads, policy)
+    for r, p in enumerate(plans):  # the plans move exactly the rows the assignment counts
+        assert p.send_counts[r] == p.recv_counts[r] == assignment.kept_rows[r]
+        assert sum(p.send_counts) - p.send_counts[r] == assignment.sent_rows[r]
+        assert sum(p.recv_counts) - p.recv_counts[r] == assignment.received_rows[r]
     sends = [pack_rows(*(layout.shard(x, r) for x in (q, k, v)), plans[r]) for r in range(sp)]
     out_blocks = [torch.split(sends[r], plans[r].send_counts) for r in range(sp)]
     received = [torch.cat([out_blocks[src][dst] for src in range(sp)]) for dst in range(sp)]

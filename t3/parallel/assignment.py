@@ -105,6 +105,7 @@ class LayerAssignment:
         sent_rows: per rank, ``(token, head)`` rows it sends to other ranks in the forward exchange
             (each carries q, k, v; as many partial outputs come back).
         received_rows: per rank, rows it receives from other ranks.
+        kept_rows: per rank, rows of its own shard it computes on (sent to itself: no transfer).
     """
 
     layout: ShardLayout
@@ -116,6 +117,7 @@ class LayerAssignment:
     units: tuple[int, ...]
     sent_rows: tuple[int, ...]
     received_rows: tuple[int, ...]
+    kept_rows: tuple[int, ...]
 
     @property
     def group_size(self) -> int:
@@ -216,8 +218,11 @@ def _resident_policy(counts: torch.Tensor, real: torch.Tensor, heads: int) -> to
 _POLICIES = {"owner": _owner_policy, "resident": _resident_policy, "heads": _heads_policy}
 
 
-def _exchanged_rows(pairs: GroupPairs, rank_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``(token, head)`` each rank sends to and receives from other ranks under ``rank_of``.
+def _exchanged_rows(
+    pairs: GroupPairs, rank_of: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``(token, head)`` each rank sends to and receives from other ranks under ``rank_of``, and
+    the rows of its own it computes on.
 
     A row goes to each distinct rank computing one of its branches, except a rank that already holds
     it. Summed over classes ``p`` (``held[p, r]`` of its tokens on rank ``r``, ``n_p`` in all) and heads:
@@ -238,6 +243,7 @@ def _exchanged_rows(pairs: GroupPairs, rank_of: torch.Tensor) -> tuple[torch.Ten
     m = torch.zeros(sp, dtype=torch.long).index_add_(0, lowest[uniform], multiplicity[uniform])
     received = m * (per_rank.sum() - per_rank)
     sent = per_rank * (m.sum() - m)
+    kept = per_rank * m
 
     columns = patterns[~uniform].T.reshape(nb, G, -1)  # [nb, G, K'] remaining head assignments
     weight = multiplicity[~uniform]
@@ -252,9 +258,10 @@ def _exchanged_rows(pairs: GroupPairs, rank_of: torch.Tensor) -> tuple[torch.Ten
         heads = new * weight  # [P, K'] heads of class p this branch sends to dest
         on_dest = held.gather(1, dest)
         received.index_add_(0, dest.flatten(), ((total - on_dest) * heads).flatten())
-        sent += (held * heads.sum(dim=1, keepdim=True)).sum(dim=0)
-        sent.index_add_(0, dest.flatten(), (on_dest * heads).flatten(), alpha=-1)  # dest keeps its own
-    return sent, received
+        own = torch.zeros_like(kept).index_add_(0, dest.flatten(), (on_dest * heads).flatten())
+        kept += own
+        sent += (held * heads.sum(dim=1, keepdim=True)).sum(dim=0) - own  # dest keeps its own rows
+    return sent, received, kept
 
 
 def _costed(
@@ -269,7 +276,7 @@ def _costed(
     assigned = rank_of[rank_of >= 0]
     units = torch.bincount(assigned, minlength=sp)
 
-    sent, received = _exchanged_rows(group_pairs(layout, plan, branches), rank_of)
+    sent, received, kept = _exchanged_rows(group_pairs(layout, plan, branches), rank_of)
     return LayerAssignment(
         layout=layout,
         plan=plan,
@@ -280,6 +287,7 @@ def _costed(
         units=tuple(units.tolist()),
         sent_rows=tuple(sent.tolist()),
         received_rows=tuple(received.tolist()),
+        kept_rows=tuple(kept.tolist()),
     )
 
 

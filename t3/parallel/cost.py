@@ -56,6 +56,12 @@ class LayerCost:
         """Moved rows over Ulysses' (0 when neither moves anything)."""
         return self.assignment.moved_rows / self.ulysses_rows if self.ulysses_rows else 0.0
 
+    @property
+    def buffer_rows(self) -> tuple[int, ...]:
+        """Per rank, rows in its send plus receive buffers (its own kept rows in both)."""
+        a = self.assignment
+        return tuple(s + r + 2 * k for s, r, k in zip(a.sent_rows, a.received_rows, a.kept_rows, strict=True))
+
     def bytes(self, bytes_per_value: int) -> float:
         """Forward bytes of the T3-aware exchange over the SP group."""
         return exchange_bytes(self.assignment.moved_rows, self.head_dim, bytes_per_value)

@@ -65,25 +65,26 @@ class ExchangePlan:
         )
 
 
-def _send_side(layout: ShardLayout, plan: WindowPlan, branches: tuple[Branch, ...], rank_of: torch.Tensor, rank: int):
+def _send_side(
+    layout: ShardLayout, plan: WindowPlan, branches: tuple[Branch, ...], rank_of: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``(send_rows, send_counts)``: this rank's local rows by destination, increasing within each."""
     start, stop = layout.range_of(rank)
-    heads = rank_of.shape[-1]
-    rows = (torch.arange(stop - start).unsqueeze(1) * heads + torch.arange(heads)).flatten()
-    dests, sends = [], []
-    for b, branch in enumerate(branches):
-        dest = rank_of[b][group_ids(layout.grid, plan, branch)[start:stop]].flatten()  # [n * N]
-        new = torch.ones_like(dest, dtype=torch.bool)  # a rank an earlier branch sends to gets the row once
-        for earlier in dests:
-            new &= dest != earlier
-        dests.append(dest)
-        sends.append((dest[new], rows[new]))
-    dest = torch.cat([d for d, _ in sends])
-    row = torch.cat([r for _, r in sends])
-    order = torch.argsort(dest * rows.numel() + row)
-    return row[order], tuple(torch.bincount(dest, minlength=layout.sp).tolist())
+    # dest[b][i]: rank computing branch b of local row i (rows numbered local_token * N + head).
+    dest = [rank_of[b][group_ids(layout.grid, plan, branch)[start:stop]].flatten() for b, branch in enumerate(branches)]
+    blocks = []
+    for r in range(layout.sp):  # a linear pass per destination keeps every block in row order
+        goes = torch.zeros_like(dest[0], dtype=torch.bool)
+        for d in dest:
+            goes |= d == r
+        blocks.append(torch.nonzero(goes).flatten())
+    return torch.cat(blocks), tuple(len(block) for block in blocks)
 
 
-def _receive_side(layout: ShardLayout, plan: WindowPlan, branches: tuple[Branch, ...], rank_of: torch.Tensor, rank: int):
+def _receive_side(
+    layout: ShardLayout, plan: WindowPlan, branches: tuple[Branch, ...], rank_of: torch.Tensor, rank: int
+) -> tuple[tuple[int, ...], GroupIndex | None]:
+    """``(recv_counts, index)``: rows received from each rank, and this rank's units over them."""
     heads = rank_of.shape[-1]
     b, g, h = torch.nonzero(rank_of == rank, as_tuple=True)
     if b.numel() == 0:
@@ -95,18 +96,22 @@ def _receive_side(layout: ShardLayout, plan: WindowPlan, branches: tuple[Branch,
         slots.append(tokens[g[mine]] * heads + h[mine].unsqueeze(1))  # [units, S] global row numbers
         valid.append(real[g[mine]])
     slots, valid = torch.cat(slots), torch.cat(valid)
-    needed = torch.unique(slots[valid])  # sorted: the order the rows arrive in
-    recv_counts = tuple(torch.bincount(layout.owner(needed // heads), minlength=layout.sp).tolist())
-
-    position = torch.searchsorted(needed, slots)
-    units, size = slots.shape
-    # Padded slots read the unit's first real row (masked as keys, never read back as queries).
-    first_real = position.gather(1, valid.to(torch.int8).argmax(dim=1, keepdim=True))
-    position = torch.where(valid, position, first_real)
     padded = not bool(valid.all())
-    lengths = valid.sum(dim=1)
+    if padded:  # padded slots read the unit's first real row (masked as keys, never read back as queries)
+        first_real = slots.gather(1, valid.to(torch.int8).argmax(dim=1, keepdim=True))
+        slots = torch.where(valid, slots, first_real)
+
+    # The rows needed arrive in increasing row number; a row's place in that order is the number of
+    # needed rows before it (a linear pass over all L * N row numbers, no sort).
+    needed = torch.zeros(layout.num_tokens * heads, dtype=torch.bool)
+    needed[slots] = True
+    place = torch.cumsum(needed, 0) - 1
+    rows = torch.nonzero(needed).flatten()
+    recv_counts = tuple(torch.bincount(layout.owner(rows // heads), minlength=layout.sp).tolist())
+    position = place[slots]
+    units, size = slots.shape
     cu = torch.zeros(units + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
+    cu[1:] = torch.cumsum(valid.sum(dim=1), 0)
     index = GroupIndex(
         grid=layout.grid,
         plan=plan,
