@@ -14,6 +14,7 @@ re-runs the blocks during backward and the processors read it again then.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,14 +98,18 @@ class T3AttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """This layer's T3 attention of ``[B, L, N, D]`` q, k, v over ``grid``.
+    def attention_op(self) -> Callable[..., torch.Tensor]:
+        """The attention op, with `t3_attention`'s signature.
 
-        The one step that sequence parallelism replaces (`t3.parallel`): there q, k, v hold only
-        this rank's shard of the tokens.
+        The one step that sequence parallelism replaces (`t3.parallel`): its op takes q, k, v
+        holding only this rank's shard of the tokens.
         """
+        return t3_attention
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """This layer's T3 attention of ``[B, L, N, D]`` q, k, v over ``grid``."""
         layer_plan = self.schedule.layer_plan(self.layer, grid)
-        return t3_attention(
+        return self.attention_op()(
             query,
             key,
             value,

@@ -132,7 +132,7 @@ def _receive_side(
 
 
 @functools.lru_cache(maxsize=256)
-def _exchange_plan_cpu(
+def _exchange_plan(
     layout: ShardLayout,
     plan: WindowPlan,
     branches: tuple[Branch, ...],
@@ -140,7 +140,11 @@ def _exchange_plan_cpu(
     rank: int,
     policy: str,
     max_imbalance: float,
+    device: torch.device,
 ) -> ExchangePlan:
+    if device.type != "cpu":  # built once on the CPU, then moved
+        cpu = _exchange_plan(layout, plan, branches, heads, rank, policy, max_imbalance, torch.device("cpu"))
+        return cpu.to(device)
     assignment = assign_layer(layout, plan, branches, heads, policy, max_imbalance)
     send_rows, send_counts = _send_side(layout, plan, assignment.branches, assignment.rank_of, rank)
     recv_counts, index = _receive_side(layout, plan, assignment.branches, assignment.rank_of, rank)
@@ -157,20 +161,6 @@ def _exchange_plan_cpu(
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _exchange_plan_on(
-    layout: ShardLayout,
-    plan: WindowPlan,
-    branches: tuple[Branch, ...],
-    heads: int,
-    rank: int,
-    policy: str,
-    max_imbalance: float,
-    device: torch.device,
-) -> ExchangePlan:
-    return _exchange_plan_cpu(layout, plan, branches, heads, rank, policy, max_imbalance).to(device)
-
-
 def exchange_plan(
     layout: ShardLayout,
     plan: WindowPlan,
@@ -185,6 +175,6 @@ def exchange_plan(
     """Cached `ExchangePlan` of ``rank`` for one layer (``branches`` as computed), on ``device``."""
     if not 0 <= rank < layout.sp:
         raise ValueError(f"rank must be in [0, {layout.sp}), got {rank}")
-    return _exchange_plan_on(
+    return _exchange_plan(
         layout, plan, tuple(branches), heads, rank, policy, float(max_imbalance), torch.device(device)
     )
