@@ -188,8 +188,9 @@ SCHEDULES = ("dense", "wan21_windows")
 
 
 def _small_model(schedule: str):
-    import t3
     from diffusers import WanTransformer3DModel
+
+    import t3
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -284,7 +285,9 @@ def measured_cpu(repeats: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sp", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-measure", action="store_true", help="part 1 only")

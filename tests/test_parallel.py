@@ -86,7 +86,9 @@ def test_bad_sp_fails_in_one_line_naming_the_key(grid, sp, align, message):
 
 def test_world_size_must_be_a_multiple_of_sp():
     assert group_ranks(8, 4) == ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]])
-    with pytest.raises(ValueError, match=r"sequence_parallel_size=4 does not divide the world size 6 .*1, 2, 3, 6"):
+    with pytest.raises(
+        ValueError, match=r"sequence_parallel_size=4 does not divide the world size 6 .*1, 2, 3, 6"
+    ):
         check_world(6, 4)
 
 
@@ -139,7 +141,9 @@ def test_exchanged_rows_equal_a_token_by_token_count(grid, plan, sp, align):
             assert sum(assignment.units) == 3 * int(nonempty.sum())
 
 
-@pytest.mark.parametrize(("schedule", "grid", "heads"), [("wan21_4k", WAN21_4K_GRID, 12), ("wan22_4k", WAN22_4K_GRID, 24)])
+@pytest.mark.parametrize(
+    ("schedule", "grid", "heads"), [("wan21_4k", WAN21_4K_GRID, 12), ("wan22_4k", WAN22_4K_GRID, 24)]
+)
 def test_4k_schedules_balanced_within_10_percent_and_at_most_twice_ulysses_bytes(schedule, grid, heads):
     for sp in range(1, 9):
         for cost in schedule_costs(get_schedule(schedule), grid, 5, heads, 128, sp):
@@ -161,7 +165,9 @@ def test_whole_frame_layers_skip_the_exchange_on_frame_boundaries_or_trade_it_fo
     candidates = layer_candidates(shard_layout(WAN21_4K_GRID, 8, "frames"), plan, frames, 12)
     owner, resident = candidates["owner"], candidates["resident"]
     assert owner.moved_rows == 0 and owner.imbalance == pytest.approx(3 / 2.625 - 1)  # +14%
-    assert resident.imbalance < 0.02 and 0 < resident.moved_rows < 0.15 * ulysses_rows(math.prod(WAN21_4K_GRID), 12, 8)
+    assert resident.imbalance < 0.02 and 0 < resident.moved_rows < 0.15 * ulysses_rows(
+        math.prod(WAN21_4K_GRID), 12, 8
+    )
 
 
 def test_dense_layers_split_by_heads():
@@ -210,7 +216,9 @@ def simulated_sp_attention(q, k, v, grid, plan, branches, layout, share_identica
 def test_simulated_sp_attention_equals_t3_attention_forward_and_backward(grid, plan, branches, share, heads):
     L = math.prod(grid)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, L, heads, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(2, L, heads, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
     weight = torch.randn(2, L, heads, 8, generator=g, dtype=torch.float64)
     ref = t3_attention(q, k, v, grid, plan, branches, "sdpa", share_identical=share)
     ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))

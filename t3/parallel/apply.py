@@ -150,12 +150,16 @@ def apply_sequence_parallel(
             args, kwargs = _replace_arg(args, kwargs, 1, "timestep", state.layout.shard(timestep, rank))
         return args, kwargs
 
-    def shard_rope(module: nn.Module, args: tuple, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def shard_rope(
+        module: nn.Module, args: tuple, output: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
         return tuple(state.current_layout().shard(freqs, rank) for freqs in output)
 
     def shard_tokens(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden_states = _get_arg(args, kwargs, 0, "hidden_states")
-        return _replace_arg(args, kwargs, 0, "hidden_states", state.current_layout().shard(hidden_states, rank))
+        return _replace_arg(
+            args, kwargs, 0, "hidden_states", state.current_layout().shard(hidden_states, rank)
+        )
 
     def gather_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return gather_tokens(output, state.current_layout(), group)

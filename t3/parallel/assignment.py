@@ -291,7 +291,9 @@ def _costed(
     )
 
 
-def _check(layout: ShardLayout, plan: WindowPlan, branches: tuple[str, ...], heads: int) -> tuple[Branch, ...]:
+def _check(
+    layout: ShardLayout, plan: WindowPlan, branches: tuple[str, ...], heads: int
+) -> tuple[Branch, ...]:
     plan.check(layout.grid)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be an integer >= 1, got {heads!r}")

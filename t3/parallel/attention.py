@@ -105,7 +105,9 @@ def sequence_parallel_attention(
             tokens_per_call=tokens_per_call, layer=layer,
         )  # fmt: skip
     if dist.get_world_size(group) != layout.sp:
-        raise ValueError(f"the SP group has {dist.get_world_size(group)} ranks but the layout is for {layout.sp}")
+        raise ValueError(
+            f"the SP group has {dist.get_world_size(group)} ranks but the layout is for {layout.sp}"
+        )
     plan.check(grid, layer=layer)
     computed = effective_branches(plan, grid, branches, share_identical)
     kernel = KERNELS[choose_backend(backend, q)]

@@ -71,7 +71,10 @@ def _send_side(
     """``(send_rows, send_counts)``: this rank's local rows by destination, increasing within each."""
     start, stop = layout.range_of(rank)
     # dest[b][i]: rank computing branch b of local row i (rows numbered local_token * N + head).
-    dest = [rank_of[b][group_ids(layout.grid, plan, branch)[start:stop]].flatten() for b, branch in enumerate(branches)]
+    dest = [
+        rank_of[b][group_ids(layout.grid, plan, branch)[start:stop]].flatten()
+        for b, branch in enumerate(branches)
+    ]
     blocks = []
     for r in range(layout.sp):  # a linear pass per destination keeps every block in row order
         goes = torch.zeros_like(dest[0], dtype=torch.bool)

@@ -83,5 +83,10 @@ def build_parallel_groups(sp: int) -> ParallelGroups:
         if rank in ranks:
             dp_group = created
     return ParallelGroups(
-        sp_size=sp, sp_rank=rank % sp, dp_size=world // sp, dp_rank=rank // sp, sp_group=sp_group, dp_group=dp_group
+        sp_size=sp,
+        sp_rank=rank % sp,
+        dp_size=world // sp,
+        dp_rank=rank // sp,
+        sp_group=sp_group,
+        dp_group=dp_group,
     )
