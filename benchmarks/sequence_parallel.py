@@ -18,7 +18,7 @@ Part 1 is exact arithmetic on the real grids (no model, no GPU): for Wan2.1-T2V-
 
 Part 2 measures, on this machine's CPU, a small Wan2.1-layout DiT (12 heads x 16, 4 layers) at grid
 9x16x24 under ``dense`` and ``wan21_windows``: forward and training-step time of SP over 2 processes
-(gloo, 1 thread each) against one process with 1 and with 2 threads, side by side.
+(gloo, 1 thread each) against one process with 1 and with 2 threads, in interleaved rounds.
 
     python benchmarks/sequence_parallel.py                  # both parts (a few minutes on 2 CPU cores)
     python benchmarks/sequence_parallel.py --skip-measure   # part 1 only
@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -203,32 +204,30 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.randn(1, *LATENT, generator=g), torch.tensor([500.0]), torch.randn(1, 16, 64, generator=g)
 
 
-def _timings(model, repeats: int, sync=lambda: None) -> dict[str, float]:
+def _passes(model) -> dict[str, Callable[[], None]]:
+    """The two timed passes of ``model``: a forward without autograd, and a training step."""
     x, t, text = _inputs()
 
     def forward() -> None:
         with torch.no_grad():
             model(x, t, text)
 
-    def step() -> None:
+    def train_step() -> None:
         model(x, t, text).sample.square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    out = {}
-    for name, fn in (("forward", forward), ("train_step", step)):
-        fn()  # warm-up: builds the index and exchange plans
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        out[name] = min(times)
-    return out
+    return {"forward": forward, "train_step": train_step}
+
+
+def _seconds(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _sp_worker(rank: int, port: int, repeats: int, result: str) -> None:
+    """Both ranks time the SP passes; between SP rounds rank 0 alone times one process with 1 and
+    2 threads (rank 1 waits at a barrier), so that load changes on a shared CPU hit all three alike."""
     import torch.distributed as dist
 
     from t3.parallel import apply_sequence_parallel, build_parallel_groups
@@ -237,10 +236,27 @@ def _sp_worker(rank: int, port: int, repeats: int, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     groups = build_parallel_groups(2)
-    measured = {}
+    measured: dict[str, dict[str, dict[str, float]]] = {}
     for schedule in SCHEDULES:
-        model = apply_sequence_parallel(_small_model(schedule), groups.sp_group)
-        measured[schedule] = _timings(model, repeats, sync=dist.barrier)
+        sp = _passes(apply_sequence_parallel(_small_model(schedule), groups.sp_group))
+        single = _passes(_small_model(schedule)) if rank == 0 else {}
+        times: dict[str, dict[str, list[float]]] = {what: {"sp": [], "1": [], "2": []} for what in sp}
+        for round_ in range(repeats + 1):  # round 0 warms up (builds index and exchange plans)
+            for what, fn in sp.items():
+                dist.barrier()
+                took = {"sp": _seconds(fn)}
+                dist.barrier()
+                if rank == 0:
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        took[str(threads)] = _seconds(single[what])
+                    torch.set_num_threads(1)
+                    if round_:
+                        for key, value in took.items():
+                            times[what][key].append(value)
+                dist.barrier()
+        if rank == 0:
+            measured[schedule] = {what: {k: min(v) for k, v in by.items()} for what, by in times.items()}
     if rank == 0:
         Path(result).write_text(json.dumps(measured))
     dist.destroy_process_group()
@@ -249,25 +265,19 @@ def _sp_worker(rank: int, port: int, repeats: int, result: str) -> None:
 def measured_cpu(repeats: int) -> list[str]:
     import torch.multiprocessing as mp
 
-    single = {}
-    threads = torch.get_num_threads()
-    for n in (1, 2):
-        torch.set_num_threads(n)
-        single[n] = {s: _timings(_small_model(s), repeats) for s in SCHEDULES}
-    torch.set_num_threads(threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "sp.json")
         mp.spawn(_sp_worker, args=(port, repeats, result), nprocs=2)
-        sp = json.loads(Path(result).read_text())
+        measured = json.loads(Path(result).read_text())
 
     grid = (LATENT[1], LATENT[2] // 2, LATENT[3] // 2)
     lines = [
         f"Measured: a Wan2.1-layout DiT with {SMALL['num_attention_heads']} heads x {SMALL['attention_head_dim']}, "
         f"{SMALL['num_layers']} layers, grid {'x'.join(map(str, grid))} ({math.prod(grid):,} tokens), float32, "
-        f"fastest of {repeats}; SP = 2 processes (gloo) x 1 thread:",
+        f"fastest of {repeats} interleaved rounds; SP = 2 processes (gloo) x 1 thread:",
         "",
         "| schedule | pass | 1 process, 1 thread s | 1 process, 2 threads s | SP 2 x 1 thread s | "
         "SP / 1 thread | SP / 2 threads |",
@@ -275,7 +285,7 @@ def measured_cpu(repeats: int) -> list[str]:
     ]
     for schedule in SCHEDULES:
         for what in ("forward", "train_step"):
-            one, two, par = single[1][schedule][what], single[2][schedule][what], sp[schedule][what]
+            one, two, par = (measured[schedule][what][key] for key in ("1", "2", "sp"))
             lines.append(
                 f"| {schedule} | {what.replace('_', ' ')} | {one:.3f} | {two:.3f} | {par:.3f} | "
                 f"{par / one:.2f} | {par / two:.2f} |"
