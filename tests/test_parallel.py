@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import t3
-from t3.attention import WindowPlan, get_schedule, t3_attention
+from t3.attention import BRANCHES, WindowPlan, backends, get_schedule, t3_attention
 from t3.attention.backends import KERNELS
 from t3.attention.index import group_ids
 from t3.attention.plan import effective_branches
@@ -34,6 +34,8 @@ from t3.parallel import (
 from t3.parallel.assignment import owner_counts
 from t3.parallel.attention import attend_rows, pack_rows, unpack_rows
 from t3.parallel.cost import schedule_costs, ulysses_rows
+
+from .test_attention_op import _reference_flash_func, _reference_flash_varlen
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +183,9 @@ def test_dense_layers_split_by_heads():
 # ---------------------------------------------------------------- exchange, simulated collectives
 
 
-def simulated_sp_attention(q, k, v, grid, plan, branches, layout, share_identical=True, policy="auto"):
+def simulated_sp_attention(
+    q, k, v, grid, plan, branches, layout, share_identical=True, policy="auto", kernel=KERNELS["sdpa"]
+):
     """`sequence_parallel_attention` on ``layout.sp`` ranks in one process: collectives by hand."""
     sp, heads = layout.sp, q.shape[2]
     computed = effective_branches(plan, grid, branches, share_identical)
@@ -195,7 +199,7 @@ def simulated_sp_attention(q, k, v, grid, plan, branches, layout, share_identica
     out_blocks = [torch.split(sends[r], plans[r].send_counts) for r in range(sp)]
     received = [torch.cat([out_blocks[src][dst] for src in range(sp)]) for dst in range(sp)]
     assert [sum(plans[r].recv_counts) for r in range(sp)] == [len(x) for x in received]
-    partial = [attend_rows(received[r], plans[r], KERNELS["sdpa"]) for r in range(sp)]
+    partial = [attend_rows(received[r], plans[r], kernel) for r in range(sp)]
     back_blocks = [torch.split(partial[r], plans[r].recv_counts) for r in range(sp)]
     back = [torch.cat([back_blocks[src][dst] for src in range(sp)]) for dst in range(sp)]
     outs = [unpack_rows(back[r], plans[r], layout.shard_size) for r in range(sp)]
@@ -231,6 +235,26 @@ def test_simulated_sp_attention_equals_t3_attention_forward_and_backward(grid, p
                 grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
                 for got, want in zip(grads, ref_grads, strict=True):
                     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("grid", "plan"), [((5, 6, 7), WindowPlan(1, 2, 3)), ((4, 4, 6), WindowPlan(2, 2, 3))]
+)
+def test_simulated_sp_attention_through_the_flash_kernel_path(monkeypatch, grid, plan):
+    """The received rows' groups through the flash backend's grouping and varlen packing (padded
+    plans), with the pure-PyTorch stand-ins of flash-attn that the op's own tests use."""
+    monkeypatch.setattr(
+        backends, "_flash_functions", lambda: (_reference_flash_func, _reference_flash_varlen)
+    )
+    L = math.prod(grid)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, L, 3, 8, generator=g) for _ in range(3))
+    ref = t3_attention(q, k, v, grid, plan, backend="sdpa")
+    for sp in (2, 5):
+        out = simulated_sp_attention(
+            q, k, v, grid, plan, BRANCHES, shard_layout(grid, sp), kernel=KERNELS["flash"]
+        )
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- applying it to a model
