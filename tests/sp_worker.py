@@ -17,9 +17,16 @@ import torch.distributed as dist
 from diffusers import WanTransformer3DModel
 
 import t3
-from t3.attention import build_schedule
+from t3.attention import build_schedule, t3_attention
 from t3.models.presets import dit_config
-from t3.parallel import ParallelGroups, apply_sequence_parallel, build_parallel_groups, loss_scale
+from t3.parallel import (
+    ParallelGroups,
+    apply_sequence_parallel,
+    build_parallel_groups,
+    loss_scale,
+    sequence_parallel_attention,
+    shard_layout,
+)
 
 RTOL = 1e-5
 
@@ -105,6 +112,24 @@ def run_case(case: Case, groups: ParallelGroups) -> None:
             _close(grad, mean_grad[name], f"{case.name} sp={sp} divisor={divisor_name}: grad of {name}")
 
 
+def check_bf16_autocast(groups: ParallelGroups) -> None:
+    """Under bf16 autocast (bf16-mixed training: float32 q, k from RMSNorm, bf16 v) SP attention
+    runs in bf16 like `t3_attention` and SDPA, and stays as close to it as bf16 allows."""
+    grid, plan = (5, 3, 5), MIXED.rules[1].plan((5, 3, 5))
+    layout = shard_layout(grid, groups.sp_size)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 75, 3, 16, generator=g) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = t3_attention(q, k, v.bfloat16(), grid, plan, backend="sdpa")
+        out = sequence_parallel_attention(
+            *(layout.shard(x, groups.sp_rank) for x in (q, k, v.bfloat16())), grid, plan, backend="sdpa",
+            layout=layout, group=groups.sp_group,
+        )  # fmt: skip
+    assert out.dtype == torch.bfloat16, f"SP attention under bf16 autocast returned {out.dtype}"
+    mine = layout.shard(ref, groups.sp_rank)[:, : layout.counts[groups.sp_rank]]
+    torch.testing.assert_close(out[:, : mine.shape[1]].float(), mine.float(), atol=2e-2, rtol=2e-2)
+
+
 def worker(rank: int, world: int, port: int, runs: list[tuple[int, list[Case]]]) -> None:
     """One process: for each ``(sp, cases)`` of ``runs``, every case with SP groups of ``sp`` ranks."""
     torch.set_num_threads(1)
@@ -113,6 +138,7 @@ def worker(rank: int, world: int, port: int, runs: list[tuple[int, list[Case]]])
     try:
         for sp, cases in runs:
             groups = build_parallel_groups(sp)
+            check_bf16_autocast(groups)
             for case in cases:
                 run_case(case, groups)
     finally:

@@ -13,6 +13,21 @@ from t3.attention.index import group_index
 from t3.attention.plan import BRANCHES, Grid, WindowPlan, check_grid, effective_branches
 
 
+def autocast_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in the autocast dtype when autocast is on for their device, else as they are.
+
+    Under autocast (bf16-mixed training) attention is a lower-precision op, as SDPA is; the inputs
+    may differ in dtype (a DiT's RMSNorm keeps q, k in float32). Cast once, so that the grouped
+    copies and the output are in the autocast dtype too.
+    """
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def t3_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,12 +75,7 @@ def t3_attention(
     if T * H * W != q.shape[1]:
         raise ValueError(f"grid {grid} has {T * H * W} tokens but q has {q.shape[1]}")
     plan.check(grid, layer=layer)
-    if torch.is_autocast_enabled(q.device.type):
-        # Under autocast (bf16-mixed training) attention is a lower-precision op, as SDPA is; the
-        # inputs may differ in dtype (a DiT's RMSNorm keeps q, k in float32). Cast once here, so that
-        # the grouped copies and the output are in the autocast dtype too.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = autocast_inputs(q, k, v)
     computed = effective_branches(plan, grid, branches, share_identical)
     kernel = KERNELS[choose_backend(backend, q)]
     resolve_tokens_per_call(tokens_per_call, q.device)  # a bad value fails before any work

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from t3.attention.backends import KERNELS, choose_backend, resolve_tokens_per_call
-from t3.attention.op import t3_attention
+from t3.attention.op import autocast_inputs, t3_attention
 from t3.attention.plan import BRANCHES, Grid, WindowPlan, check_grid, effective_branches
 from t3.parallel.assignment import DEFAULT_MAX_IMBALANCE
 from t3.parallel.comm import ProcessGroup, exchange_rows
@@ -109,6 +109,7 @@ def sequence_parallel_attention(
             f"the SP group has {dist.get_world_size(group)} ranks but the layout is for {layout.sp}"
         )
     plan.check(grid, layer=layer)
+    q, k, v = autocast_inputs(q, k, v)
     computed = effective_branches(plan, grid, branches, share_identical)
     kernel = KERNELS[choose_backend(backend, q)]
     resolve_tokens_per_call(tokens_per_call, q.device)
