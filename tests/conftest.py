@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+# The benchmark prompt lists the package ships (t3/eval/prompt_lists), read where the package keeps them.
+PROMPT_LISTS = REPO_ROOT / "t3" / "eval" / "prompt_lists"
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from t3.eval.prompts import load_prompts
 from t3.models.tiny import save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
 from t3.video_io import read_video, video_info, write_video
 
-from .conftest import REPO_ROOT, SHARED_FIXTURES
+from .conftest import PROMPT_LISTS, REPO_ROOT
 
 CONF_DIR = REPO_ROOT / "conf"
 NUM_PROMPTS = 5
@@ -55,7 +55,7 @@ def tiny_overrides(models: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
         "model=tiny",
         "benchmark=tiny",
-        f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+        f"benchmark.prompts={PROMPT_LISTS / '4k_vbench.json'}",
         f"model.dit_path={models / 'dit'}",
         f"model.vae_path={models / 'vae'}",
         f"model.text_encoder_path={models / 'text_encoder'}",
@@ -85,7 +85,7 @@ def expected_files() -> list[str]:
 @pytest.mark.slow
 def test_killed_shard_and_leftovers_are_completed_on_rerun_without_duplicates(tiny_models, tmp_path):
     out = tmp_path / "run"
-    entries = load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=NUM_PROMPTS)
+    entries = load_prompts(PROMPT_LISTS / "4k_vbench.json", limit=NUM_PROMPTS)
     jobs = video_jobs(entries, [0], out)
 
     # Shard 0 of 2 (prompts 0..2) runs as `python eval.py` and is killed once its first video is complete.
@@ -183,7 +183,7 @@ def test_checkpoint_hash_is_cached_by_path_size_and_mtime(tmp_path):
 
 
 def test_bad_config_values_fail_before_any_model_is_loaded(tmp_path):
-    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={PROMPT_LISTS / '4k_vbench.json'}",
             f"out_dir={tmp_path}", "generation.height=64", "generation.width=64", "generation.frames=5"]  # fmt: skip
     with pytest.raises(ValueError, match=r"frames 6 is not of the form 4k\+1"):
         run(compose_eval(*base, "generation.frames=6"))

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from t3.eval import run
 from t3.eval.prompts import describe_shards, load_prompts, resolve_shard, shard_range
 
-from .conftest import REPO_ROOT, SHARED_FIXTURES
+from .conftest import PROMPT_LISTS, REPO_ROOT
 from .test_eval_generate import compose_eval
 
-VBENCH = SHARED_FIXTURES / "4k_vbench.json"
+VBENCH = PROMPT_LISTS / "4k_vbench.json"
 EIGHT_SHARDS = [f"shard {i}/8: 15 prompts ({15 * i}..{15 * i + 14})" for i in range(8)]
 
 
@@ -24,7 +26,7 @@ def test_the_authors_prompt_lists_load():
     assert len(vbench) == 120 and [e.index for e in vbench] == list(range(120))
     assert all(e.data_file.startswith("vids/") and e.data_file.endswith(".mp4") for e in vbench)
     assert vbench[0].prompt.startswith("A leopard is resting near a tree trunk")
-    world = load_prompts(SHARED_FIXTURES / "4k_world_vision.json")
+    world = load_prompts(PROMPT_LISTS / "4k_world_vision.json")
     assert len(world) == 100 and all(e.data_file == "" for e in world)
     assert len(load_prompts(VBENCH, limit=5)) == 5
 
@@ -43,6 +45,36 @@ def test_dry_run_lists_each_shard(capsys):
     assert describe_shards(entries[:1], 2)[1] == "shard 1/2: 0 prompts (none)"
     lines = run(compose_eval("dry_run=true", "num_shards=8", f"benchmark.prompts={VBENCH}"))
     assert lines == EIGHT_SHARDS and capsys.readouterr().out.splitlines() == EIGHT_SHARDS
+
+
+@pytest.mark.parametrize(
+    "benchmark, file", [("4k_vbench", "4k_vbench.json"), ("4k_world_vision", "4k_world_vision.json"),
+                        ("tiny", "4k_vbench.json")]
+)  # fmt: skip
+def test_benchmarks_read_the_shipped_prompt_lists_from_any_folder(benchmark, file, tmp_path, monkeypatch):
+    monkeypatch.delenv("T3_PROMPTS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # a clean clone run from elsewhere: nothing beside the repository
+    shipped = REPO_ROOT / "t3" / "eval" / "prompt_lists" / file
+    assert shipped.is_file()
+    assert compose_eval(f"benchmark={benchmark}").benchmark.prompts == str(shipped)
+    # Users' own copies: a folder of files with the same names.
+    monkeypatch.setenv("T3_PROMPTS_DIR", str(tmp_path / "mine"))
+    assert compose_eval(f"benchmark={benchmark}").benchmark.prompts == str(tmp_path / "mine" / file)
+
+
+def test_nothing_in_the_repository_reads_files_beside_it():
+    """A clean clone has nothing beside it: no config, code, test or doc points at ../shared."""
+    pattern = re.compile(r"\.\./shared|shared/fixtures|SHARED_FIXTURES")
+    offenders = []
+    for folder in ("conf", "t3", "slurm", "tests", "data", "benchmarks"):
+        for path in (REPO_ROOT / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".yaml", ".md", ".sbatch", ".example", ".sh"):
+                if path.name != Path(__file__).name and pattern.search(path.read_text(errors="ignore")):
+                    offenders.append(str(path.relative_to(REPO_ROOT)))
+    for name in ("README.md", "train.py", "eval.py"):
+        if pattern.search((REPO_ROOT / name).read_text()):
+            offenders.append(name)
+    assert offenders == []
 
 
 def test_shard_comes_from_slurm_array_variables():

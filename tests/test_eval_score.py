@@ -26,7 +26,7 @@ from t3.eval.metrics.fvd import DETECTOR_KWARGS, clip_indices, random_tiles, res
 from t3.eval.prompts import load_prompts
 from t3.video_io import write_video
 
-from .conftest import SHARED_FIXTURES
+from .conftest import PROMPT_LISTS
 from .test_eval_generate import compose_eval
 
 NUM_PROMPTS = 5
@@ -113,7 +113,7 @@ def write_scored_run(root: Path) -> tuple[Path, Path]:
     out, data_root = root / "run", root / "data"
     out.mkdir()
     rng = np.random.default_rng(0)
-    for entry in load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=NUM_PROMPTS):
+    for entry in load_prompts(PROMPT_LISTS / "4k_vbench.json", limit=NUM_PROMPTS):
         ref = data_root / entry.data_file
         ref.parent.mkdir(parents=True, exist_ok=True)
         write_video(ref, rng.integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8), fps=16)
@@ -130,7 +130,7 @@ def score_overrides(out: Path, *extra: str) -> list[str]:
         "stage=score",
         "model=tiny",
         "benchmark=tiny",
-        f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+        f"benchmark.prompts={PROMPT_LISTS / '4k_vbench.json'}",
         f"out_dir={out}",
         "wandb.enabled=false",
         *extra,
@@ -218,7 +218,7 @@ def test_scoring_end_to_end_with_tiny_extractors(scored_run, i3d_path, clip_dir)
 
     # fvd_i3d equals an independent computation on the same clips through the same detector.
     detector = torch.jit.load(str(i3d_path))
-    entries = load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=NUM_PROMPTS)
+    entries = load_prompts(PROMPT_LISTS / "4k_vbench.json", limit=NUM_PROMPTS)
 
     def features(paths: list[Path]) -> np.ndarray:
         clips = torch.stack([resized_clip(read_frames(p, range(16))) for p in paths])

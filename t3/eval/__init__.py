@@ -10,6 +10,9 @@
 The metrics are named after their models; none is claimed to be the T3 paper's VQA/VTC number.
 """
 
+from t3.eval.prompts import register_resolvers
 from t3.eval.run import STAGES, run
+
+register_resolvers()  # ${t3.prompt_list:...} in conf/benchmark/*.yaml
 
 __all__ = ["STAGES", "run"]

@@ -5,6 +5,10 @@ A prompt list is the T3-Video authors' format: a JSON list of ``{"data_file": "v
 (4K-VBench); it is empty where there is none (4K-World-Vision). A prompt keeps its position in the list
 as its index: output files are named from it, so every task of a sharded run agrees on them.
 
+The two lists of the paper (4K-VBench, 4K-World-Vision; the T3-Video authors', Apache-2.0) ship with the
+package in ``prompt_lists/``; ``conf/benchmark/*.yaml`` name them as ``${t3.prompt_list:<file>}``, which
+`prompt_list_path` resolves from any working directory (or in ``$T3_PROMPTS_DIR`` when that is set).
+
 Sharding splits the indices into contiguous, balanced ranges (sizes differ by at most one; the first
 ``n % num_shards`` shards get the extra prompt), so shard ``i`` of ``N`` always gets the same prompts.
 """
@@ -17,7 +21,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PromptEntry", "check_shard", "describe_shards", "load_prompts", "resolve_shard", "shard_range"]
+__all__ = [
+    "PROMPT_LISTS_DIR",
+    "PromptEntry",
+    "check_shard",
+    "describe_shards",
+    "load_prompts",
+    "prompt_list_path",
+    "register_resolvers",
+    "resolve_shard",
+    "shard_range",
+]
+
+#: The prompt lists shipped with the package (see ``prompt_lists/README.md`` for their origin).
+PROMPT_LISTS_DIR = Path(__file__).resolve().parent / "prompt_lists"
+#: Environment variable naming a folder of the user's own prompt lists, used instead of the shipped ones.
+PROMPTS_DIR_ENV = "T3_PROMPTS_DIR"
+
+
+def prompt_list_path(name: str) -> str:
+    """The prompt list file ``name``: in ``$T3_PROMPTS_DIR`` when set, else the copy shipped in the package."""
+    folder = os.environ.get(PROMPTS_DIR_ENV) or PROMPT_LISTS_DIR
+    return str(Path(folder) / name)
+
+
+def register_resolvers() -> None:
+    """Register ``${t3.prompt_list:<file>}`` with OmegaConf (idempotent), for ``conf/benchmark/*.yaml``."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("t3.prompt_list", prompt_list_path, replace=True)
 
 
 @dataclass(frozen=True)
