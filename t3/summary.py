@@ -40,6 +40,28 @@ def config_digest(resolved_config: Mapping[str, Any] | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def describe_error(err: BaseException, max_chars: int = 600) -> str:
+    """One line for a summary's ``error``: the root cause first, then the exception that wrapped it.
+
+    Wrappers such as Hydra's ``InstantiationException`` ("Error in call to target ...:") say where a
+    failure surfaced, their ``__cause__`` says what went wrong (``no .tar shards in ...``); a report
+    that shows only the wrapper's first line is useless, so the root cause leads.
+    """
+
+    def first_line(e: BaseException) -> str:
+        text = str(e).strip()
+        line = text.splitlines()[0].strip() if text else ""
+        return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+    chain = [err]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    text = first_line(chain[-1])
+    if len(chain) > 1:
+        text += f" (raised as {first_line(err)})"
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe copy: tensors and numpy scalars become floats; NaN/inf become None."""
     if isinstance(value, Mapping):

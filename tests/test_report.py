@@ -98,3 +98,23 @@ def test_report_lists_completed_failed_and_missing_runs(sweep, capsys):
 def test_report_errors_name_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="sweep folder not found"):
         collect(tmp_path / "nope")
+
+
+def test_summary_error_is_one_line_leading_with_the_root_cause():
+    from t3.summary import describe_error
+
+    try:
+        try:
+            raise FileNotFoundError("no .tar shards in /data/x\nsecond line")
+        except FileNotFoundError as inner:
+            raise RuntimeError("Error in call to target 'build':\nFileNotFoundError(...)") from inner
+    except RuntimeError as err:
+        wrapped = err
+    assert describe_error(wrapped) == (
+        "FileNotFoundError: no .tar shards in /data/x (raised as RuntimeError: Error in call to target 'build':)"
+    )
+    assert describe_error(ValueError("")) == "ValueError"
+    assert (
+        describe_error(ValueError("x" * 1000)).endswith("...")
+        and len(describe_error(ValueError("x" * 1000))) == 600
+    )

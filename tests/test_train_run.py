@@ -575,3 +575,16 @@ def test_changed_settings_are_refused_and_resume_false_starts_clean(tmp_path, ca
         )
     )
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_failed_run_summary_keeps_the_root_cause(tmp_path, cache_dir):
+    from t3.summary import read_run_summary
+
+    cfg = run_cfg(tmp_path, cache_dir, "data.train.num_samples=0", "trainer.max_steps=1")
+    with pytest.raises(Exception):  # noqa: B017 - Hydra wraps the reader's error; the summary must not
+        train(cfg)
+    summary = read_run_summary(tmp_path / "run")
+    assert summary["status"] == "failed"
+    # One line, naming what went wrong (the reader's message) first, then Hydra's wrapper.
+    assert summary["error"].startswith("ValueError: num_samples must be >= 1, got 0 (raised as Instantiation")
+    assert "\n" not in summary["error"]

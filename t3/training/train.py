@@ -165,7 +165,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[
     except Exception as err:
         # A refused resume ran nothing: the folder's summary stays that of the run it holds.
         if not cfg.get("dry_run") and not isinstance(err, ResumeRefusedError):
-            write_train_summary(cfg, "failed", started, error=f"{type(err).__name__}: {err}")
+            from t3.summary import describe_error
+
+            write_train_summary(cfg, "failed", started, error=describe_error(err))
         raise
     if not cfg.dry_run:
         exported = objects["exported"].get("diffusers") or objects["exported"].get("wan")
