@@ -26,7 +26,8 @@ SUMMARY_NAME = "summary.json"
 #: Inside a run folder, where ``resume=false`` moves a previous run's outputs (`t3.training.checkpoints`);
 #: reports do not count the summaries kept there as runs.
 PREVIOUS_RUNS_DIR = "previous_runs"
-SCHEMA_VERSION = 1
+# 2: ``step`` (the optimizer step a training run's results belong to) and ``results_from``.
+SCHEMA_VERSION = 2
 STATUSES = ("completed", "failed")
 
 
@@ -93,6 +94,8 @@ def write_run_summary(
     checkpoint: str | None = None,
     error: str | None = None,
     started: float | None = None,
+    step: int | None = None,
+    results_from: str | None = None,
 ) -> Path:
     """Write ``run_dir/summary.json``.
 
@@ -108,6 +111,9 @@ def write_run_summary(
         checkpoint: path of the exported checkpoint.
         error: one line describing the failure, for ``status="failed"``.
         started: start time (``time.time()``), to record the duration.
+        step: for training, the optimizer step the metrics belong to (the step of the final checkpoint).
+        results_from: when this run trained nothing (a rerun of a finished run), the ``finished`` time of
+            the earlier summary whose metrics and speed it repeats.
     """
     if status not in STATUSES:
         raise ValueError(f"summary status must be one of {STATUSES}, got {status!r}")
@@ -122,6 +128,8 @@ def write_run_summary(
         "metrics": _plain(dict(metrics or {})),
         "speed": _plain(dict(speed or {})),
         "checkpoint": checkpoint,
+        "step": step,
+        "results_from": results_from,
         "error": error,
         "finished": now.isoformat(timespec="seconds"),
         "duration_s": None if started is None else round(now.timestamp() - started, 3),

@@ -588,3 +588,26 @@ def test_failed_run_summary_keeps_the_root_cause(tmp_path, cache_dir):
     # One line, naming what went wrong (the reader's message) first, then Hydra's wrapper.
     assert summary["error"].startswith("ValueError: num_samples must be >= 1, got 0 (raised as Instantiation")
     assert "\n" not in summary["error"]
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path, cache_dir):
+    from t3.report import collect, rows
+    from t3.summary import read_run_summary
+
+    cfg = run_cfg(tmp_path, cache_dir, "trainer.max_steps=2", "validation.every_n_steps=2")
+    train(cfg)
+    first = read_run_summary(cfg.run_dir)
+    assert first["metrics"]["val/loss"] is not None and first["speed"]["perf/step_time_s"] > 0
+    metrics, _ = train(cfg)  # the same command again: nothing left to train
+    again = read_run_summary(cfg.run_dir)
+    assert again["status"] == "completed"
+    assert again["metrics"] == first["metrics"] and again["speed"] == first["speed"]
+    assert again["step"] == first["step"] == 2
+    assert metrics["val/loss"] == first["metrics"]["val/loss"]
+    header, table = rows(collect(tmp_path))
+    assert table[0][header.index("val/loss")] == first["metrics"]["val/loss"]
+    # Trained further, the run's results are its own again: the earlier ones are not mixed in.
+    more = run_cfg(tmp_path, cache_dir, "trainer.max_steps=3", "validation.every_n_steps=2")
+    train(more)
+    last = read_run_summary(cfg.run_dir)
+    assert last["step"] == 3 and "val/loss" not in last["metrics"] and last["speed"]["perf/steps_timed"] == 1

@@ -158,6 +158,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[
 
     The summary (`t3.summary`) records how the run ended, its final metrics, speed and exported
     checkpoint; a failed run records the error and re-raises. Dry runs write none.
+
+    A rerun of a finished run (or a requeued task that finds its run finished) trains nothing; it keeps
+    the metrics and speed of the summary that the finished run wrote at the same step, rather than
+    replacing them with nothing.
     """
     started = time.time()
     try:
@@ -171,8 +175,35 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[
         raise
     if not cfg.dry_run:
         exported = objects["exported"].get("diffusers") or objects["exported"].get("wan")
-        write_train_summary(cfg, "completed", started, metrics=metrics, checkpoint=exported)
+        step = objects["trainer"].global_step
+        earlier = _finished_summary(cfg.run_dir, step) if objects["steps_trained"] == 0 else None
+        if earlier is not None:
+            metrics = {**earlier["metrics"], **{k: v for k, v in earlier["speed"].items() if k != "device"}}
+        write_train_summary(
+            cfg, "completed", started, metrics=metrics, checkpoint=exported, step=step, earlier=earlier
+        )
     return metrics, objects
+
+
+def _finished_summary(run_dir: str | Path, step: int) -> dict[str, Any] | None:
+    """The summary a finished run left in ``run_dir`` for optimizer step ``step``, or None (logged)."""
+    from t3.summary import read_run_summary
+
+    try:
+        summary = read_run_summary(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        logger.warning("nothing left to train at step %d and no earlier results to keep (%s)", step, err)
+        return None
+    if summary["status"] != "completed" or summary.get("step") != step:
+        logger.warning(
+            "nothing left to train at step %d; the earlier summary in %s (%s, step %s) is not of this "
+            "checkpoint, so this run has no metrics",
+            step, run_dir, summary["status"], summary.get("step"),
+        )  # fmt: skip
+        return None
+    logger.info("nothing left to train at step %d: keeping the results of the run finished at %s",
+                step, summary.get("results_from") or summary.get("finished"))  # fmt: skip
+    return summary
 
 
 def write_train_summary(
@@ -183,8 +214,14 @@ def write_train_summary(
     metrics: dict[str, Any] | None = None,
     checkpoint: Any = None,
     error: str | None = None,
+    step: int | None = None,
+    earlier: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``run_dir/summary.json`` on rank 0; never let bookkeeping hide the run's own outcome."""
+    """Write ``run_dir/summary.json`` on rank 0; never let bookkeeping hide the run's own outcome.
+
+    ``earlier``: the summary of the finished run this one repeats (it trained nothing); its metrics and
+    speed, measured device included, are kept as they were.
+    """
     if rank_zero_only.rank != 0:
         return
     from hydra.core.hydra_config import HydraConfig
@@ -207,13 +244,19 @@ def write_train_summary(
             overrides=list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
             resolved_config=resolved,
             metrics={k: v for k, v in metrics.items() if not k.startswith("perf/")},
-            speed={
+            speed=earlier["speed"]
+            if earlier is not None
+            else {
                 **{k: v for k, v in metrics.items() if k.startswith("perf/")},
                 "device": device_name(device),
             },
             checkpoint=str(checkpoint or newest_checkpoint(cfg.run_dir) or "") or None,
             error=None if error is None else error.splitlines()[0],
             started=started,
+            step=step,
+            results_from=None
+            if earlier is None
+            else (earlier.get("results_from") or earlier.get("finished")),
         )
     except Exception as err:  # noqa: BLE001
         logger.warning("could not write the run summary: %s", err)
@@ -228,8 +271,8 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
 
     Returns:
         ``(metrics, objects)``: the final logged metrics as floats, and the built objects (``cfg``,
-        ``facts``, ``trainer``, ``module``, ``datamodule``, ``exported``); for a dry run the metrics of
-        the plan and ``plan``.
+        ``facts``, ``trainer``, ``module``, ``datamodule``, ``exported``) and ``steps_trained`` (optimizer
+        steps run by this process); for a dry run the metrics of the plan and ``plan``.
 
     Raises:
         t3.config.ConfigError: On an impossible config, before anything heavy is built.
@@ -351,9 +394,8 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
     # Speed of the run: the median step, not whichever step happened to be logged last.
     from t3.training.callbacks import StepTimer
 
-    for callback in trainer.callbacks:
-        if isinstance(callback, StepTimer):
-            metrics.update(callback.summary())
+    timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+    metrics.update(timer.summary())
     objects = {
         "cfg": cfg,
         "facts": facts,
@@ -361,6 +403,7 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         "module": module,
         "datamodule": datamodule,
         "exported": exported,
+        "steps_trained": len(timer.step_seconds),  # optimizer steps this process ran (0 on a finished run)
     }
     return metrics, objects
 
