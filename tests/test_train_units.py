@@ -183,3 +183,37 @@ def test_stream_loader_sums_the_skips_of_every_worker(tmp_path):
     assert all("__skipped__" not in b for b in batches)
     # Each worker reports the skips of a pass after its last batch of it, so the first pass is complete.
     assert tally.skipped["non_finite"] >= 4 and tally.samples == 24
+
+
+def test_step_timer_leaves_data_loading_out_of_the_step_time(monkeypatch):
+    """Lazy one-time work in the data loader (encoding a sample on first read) is not training speed:
+    the run's step time is the median of the steps' own work, the wait for data is reported beside it."""
+    from types import SimpleNamespace
+
+    import t3.training.callbacks as callbacks
+    from t3.training.callbacks import StepTimer
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    logged = []
+    module = SimpleNamespace(log_dict=lambda metrics, **kw: logged.append(metrics))
+    trainer = SimpleNamespace(global_step=0)
+    timer = StepTimer(global_batch_size=2, tokens_per_sample=10)
+    timer.on_train_start(trainer, module)
+    # 6 steps of 2 micro-batches, each micro-batch 0.1 s of work; the first 4 steps wait 2 s per
+    # micro-batch for data (encoded lazily on first read), the last 2 steps do not wait.
+    for step in range(6):
+        for micro in range(2):
+            clock[0] += 2.0 if step < 4 else 0.001
+            timer.on_train_batch_start(trainer, module, None, 2 * step + micro)
+            clock[0] += 0.1
+            if micro == 1:
+                trainer.global_step += 1
+            timer.on_train_batch_end(trainer, module, None, None, 2 * step + micro)
+    summary = timer.summary()
+    assert summary["perf/step_time_s"] == pytest.approx(0.2)
+    assert summary["perf/samples_per_s"] == pytest.approx(10.0)
+    assert summary["perf/data_wait_s"] == pytest.approx(4.0)  # the median step still waited: it is said
+    assert summary["perf/steps_timed"] == 5
+    assert [m["perf/step_time_s"] for m in logged] == pytest.approx([0.2] * 6)
+    assert [m["perf/data_wait_s"] for m in logged] == pytest.approx([4.0] * 4 + [0.002] * 2)

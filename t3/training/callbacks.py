@@ -2,8 +2,9 @@
 
 * `StepCheckpoint` is Lightning's ``ModelCheckpoint`` that also saves when training ends off the
   checkpoint interval, so ``last.ckpt`` always holds the final step, and keeps the newest few.
-* `StepTimer` logs ``perf/step_time_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` and, on CUDA,
-  ``perf/peak_mem_gb`` once per optimizer step.
+* `StepTimer` logs ``perf/step_time_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` (the step's own
+  work: data loading excluded), ``perf/data_wait_s`` and, on CUDA, ``perf/peak_mem_gb`` once per
+  optimizer step.
 * `DataSkipMonitor` totals the skipped training data by reason over workers and ranks, logs it
   (``data/skipped*``) and stops the run past ``data.max_skipped_fraction``.
 * `EMACallback` keeps an fp32 exponential moving average of the trainable weights; its state is part of
@@ -74,10 +75,15 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class StepTimer(Callback):
-    """Wall time per optimizer step and the throughput it implies.
+    """Time per optimizer step spent training, the time spent waiting for data, and the throughput.
 
-    Logs every step's figures; `summary` gives the run's typical step (the median, without the first
-    step of this process, which includes start-up) for run summaries and sweep reports.
+    A step's time is the sum over its micro-batches of the work from ``on_train_batch_start`` to
+    ``on_train_batch_end`` (forward, backward, optimizer); the time between micro-batches, when Lightning
+    fetches the next batch, is ``perf/data_wait_s`` (it also holds a checkpoint save when one is due, and
+    one-time work of the loader such as encoding a sample on its first read). Throughput is computed
+    from the step time. Validation is neither. Logs every step's figures; `summary` gives the run's
+    typical step (the median, without the first step of this process, which includes start-up) for run
+    summaries and sweep reports.
 
     Args:
         global_batch_size: Samples per optimizer step (all ranks).
@@ -88,48 +94,64 @@ class StepTimer(Callback):
         self.global_batch_size = global_batch_size
         self.tokens_per_sample = tokens_per_sample
         self._last_step: int | None = None
-        self._last_time: float | None = None
+        self._mark = 0.0  # when the last timed interval ended
+        self._work = self._wait = 0.0  # accumulated over the micro-batches of the current step
         self.step_seconds: list[float] = []
+        self.wait_seconds: list[float] = []
+
+    def _elapsed(self) -> float:
+        now = time.perf_counter()
+        seconds, self._mark = now - self._mark, now
+        return seconds
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step, self._last_time = trainer.global_step, time.perf_counter()
+        self._last_step, self._mark = trainer.global_step, time.perf_counter()
+        self._work = self._wait = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._wait += self._elapsed()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self._last_step:  # still accumulating
-            return
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # kernels are asynchronous; time the work, not its launch
-        now = time.perf_counter()
-        assert self._last_time is not None and self._last_step is not None
-        seconds = (now - self._last_time) / max(trainer.global_step - self._last_step, 1)
-        self._last_step, self._last_time = trainer.global_step, now
+        self._work += self._elapsed()
+        if trainer.global_step == self._last_step:  # still accumulating
+            return
+        assert self._last_step is not None
+        steps = max(trainer.global_step - self._last_step, 1)
+        seconds, wait = self._work / steps, self._wait / steps
+        self._last_step, self._work, self._wait = trainer.global_step, 0.0, 0.0
         self.step_seconds.append(seconds)
-        metrics = self._figures(seconds)
+        self.wait_seconds.append(wait)
+        metrics = self._figures(seconds, wait)
         if torch.cuda.is_available():
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
-    def _figures(self, seconds: float) -> dict[str, float]:
+    def _figures(self, seconds: float, wait: float) -> dict[str, float]:
         return {
             "perf/step_time_s": seconds,
             "perf/samples_per_s": self.global_batch_size / seconds,
             "perf/tokens_per_s": self.global_batch_size * self.tokens_per_sample / seconds,
+            "perf/data_wait_s": wait,
         }
 
     def summary(self) -> dict[str, float]:
-        """Median step time (first step of this process left out when there are others) and its throughput."""
+        """Median step time and data wait (first step of this process left out when there are others)."""
         if not self.step_seconds:
             return {}
-        timed = self.step_seconds[1:] or self.step_seconds
-        figures = self._figures(statistics.median(timed))
-        figures["perf/steps_timed"] = float(len(timed))
+        first = 1 if len(self.step_seconds) > 1 else 0
+        figures = self._figures(
+            statistics.median(self.step_seconds[first:]), statistics.median(self.wait_seconds[first:])
+        )
+        figures["perf/steps_timed"] = float(len(self.step_seconds) - first)
         if torch.cuda.is_available():
             figures["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         return figures
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation time is not training step time.
-        self._last_time = time.perf_counter()
+        # Validation time is neither training step time nor data wait.
+        self._mark = time.perf_counter()
 
 
 class DataSkipError(RuntimeError):
