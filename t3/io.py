@@ -1,6 +1,8 @@
 """Files: atomic writes (a temporary name in the same folder, then rename) and content hashes.
 
 A reader (or a resumed run) never sees half a file: either the old file, or the complete new one.
+Every file gets the mode a plain ``open()`` would give it (the umask's), also where the library that
+writes it would restrict it to its owner (`give_umask_mode`).
 The temporary name sits in the target's folder because ``os.replace`` is atomic only within one
 file system; it starts with a dot so that globbing for outputs does not pick it up.
 """
@@ -25,8 +27,42 @@ def _read_umask() -> int:
 
 _CHUNK = 1 << 22  # 4 MiB reads: fast on network file systems without holding a checkpoint in memory
 
-# Read once at import: os.umask can only be read by setting it, which would race with other threads.
-_UMASK = _read_umask()
+# os.umask can only be read by setting it, which races with other threads; read it once at import and
+# prefer the kernel's own record of the current value (Linux: /proc/self/status), which reads it safely.
+_UMASK_AT_IMPORT = _read_umask()
+
+
+def current_umask() -> int:
+    """The process's umask now (at import time where the system does not report it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the umask (group-readable under 022 or 027)."""
+    return 0o666 & ~current_umask()
+
+
+def give_umask_mode(path: str | os.PathLike) -> Path:
+    """Give the file ``path``, or every file under the folder ``path``, the mode of `file_mode`.
+
+    Writers that create files readable by their owner only (``tempfile.mkstemp``, safetensors'
+    ``save_file``, hence diffusers' ``save_pretrained``) would otherwise leave exports and videos that
+    colleagues on a shared cluster cannot read.
+    """
+    path = Path(path)
+    mode = file_mode()
+    for file in (
+        [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    ):
+        os.chmod(file, mode)
+    return path
 
 
 @contextlib.contextmanager
@@ -36,8 +72,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
-    # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    give_umask_mode(tmp)  # mkstemp creates the file readable by its owner only
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t3.io import give_umask_mode
+
 __all__ = ["VideoIOError", "VideoInfo", "available_encoder", "read_video", "video_info", "write_video"]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ def write_video(
             f"write_video {path}: cannot create a file in {folder}: {err.strerror or err}"
         ) from err
     os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = give_umask_mode(tmp_name)  # mkstemp's file is owner-only; a video is for colleagues too
     try:
         import av
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from t3.data.shards import DEFAULT_TEXT_LEN, module_fingerprint
+from t3.io import give_umask_mode
 
 __all__ = [
     "COLOURS",
@@ -348,6 +349,7 @@ class SyntheticLatentDataset(torch.utils.data.Dataset):
                 tmp,
                 metadata={"sample": json.dumps(extra)},
             )
+            give_umask_mode(tmp)  # a cache other users' runs may read; safetensors writes owner-only
             os.replace(tmp, file)
         finally:
             tmp.unlink(missing_ok=True)

@@ -36,6 +36,7 @@ from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from t3.io import give_umask_mode
 from t3.models.presets import DIT_PRESETS, dit_config, preset_names
 from t3.models.wan_keys import (
     detect_key_format,
@@ -429,6 +430,7 @@ def save_dit(
     if format == "diffusers":
         with _atomic_dir(path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            give_umask_mode(tmp)  # safetensors writes owner-only files
         logger.info("Saved DiT (diffusers format) to %s", path)
         return path
 
@@ -440,6 +442,7 @@ def save_dit(
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             save_file(state_dict, tmp, metadata={"format": "pt", METADATA_CONFIG_KEY: json.dumps(wan_config)})
+            give_umask_mode(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -447,6 +450,7 @@ def save_dit(
         with _atomic_dir(path) as tmp:
             _save_sharded(state_dict, tmp, max_shard_size)
             (tmp / CONFIG_NAME).write_text(json.dumps(wan_config, indent=2) + "\n")
+            give_umask_mode(tmp)
     logger.info("Saved DiT (Wan format) to %s", path)
     return path
 

@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from t3.io import give_umask_mode
+
 try:
     import ftfy
 except ImportError:  # a declared dependency; without it diffusers skips this step too
@@ -293,6 +295,7 @@ class PromptEmbeddingCache:
         metadata = {"prompt": prompt, "identity": self.identity, "max_length": str(self.max_length)}
         try:
             save_file({"embedding": embed.contiguous()}, tmp, metadata=metadata)
+            give_umask_mode(tmp)  # a cache shared between runs (and users); safetensors writes owner-only
             os.replace(tmp, file)
         finally:
             tmp.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+from t3.io import give_umask_mode
 from t3.models.presets import dit_config
 
 __all__ = [
@@ -123,7 +124,7 @@ def save_tiny_text_encoder(path: str | Path, seed: int = 0) -> Path:
         model = UMT5EncoderModel(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+    return give_umask_mode(path)
 
 
 def save_tiny_dit(path: str | Path, format: Literal["diffusers", "wan"] = "diffusers", seed: int = 0) -> Path:
@@ -145,4 +146,4 @@ def save_tiny_vae(path: str | Path, seed: int = 0) -> Path:
     """
     path = Path(path)
     tiny_vae(seed).save_pretrained(path, safe_serialization=True)
-    return path
+    return give_umask_mode(path)
