@@ -18,7 +18,7 @@ import t3.eval
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    t3.eval.run(cfg)
+    t3.eval.main(cfg)  # a bad value, file or path: one line naming it, exit status 1
 
 
 if __name__ == "__main__":

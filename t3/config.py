@@ -832,10 +832,21 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
         _check_choice(cfg, "export.dtype", ("bf16", "fp32"))
     _check_choice(cfg, "logger.mode", ("online", "offline", "disabled"))
 
-    # Weights and data: needed for a real run only; the dry run works from the architecture alone.
+    # Weights, data and the machine: checked for a real run only; the dry run works from the architecture.
     if not cfg.dry_run:
         _check_weights(cfg)
         _check_data_paths(cfg, spec)
+        # Last: the config is right, this machine cannot run it (Lightning's own error would come only
+        # after the strategy, the model and the data were built).
+        if cfg.trainer.accelerator in ("gpu", "cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise _fail(
+                    "trainer.accelerator",
+                    cfg.trainer.accelerator,
+                    "no CUDA GPU is visible on this machine; run on a GPU node, or use trainer=cpu here",
+                )
 
     return RunFacts(
         preset=spec.name,

@@ -141,6 +141,39 @@ def test_bad_config_fails_in_one_line_naming_the_key(overrides, key, words):
     assert "\n" not in message and key in message and words in message, message
 
 
+def test_gpu_run_on_a_machine_without_a_gpu_fails_in_validation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        validate(compose_train("trainer=gpu"))
+    message = str(info.value)
+    assert "\n" not in message and "trainer.accelerator='gpu'" in message and "trainer=cpu" in message, (
+        message
+    )
+    validate(compose_train("experiment=t3_720p", "dry_run=true"))  # planning a GPU run needs no GPU
+
+
+def test_a_failed_start_creates_no_logger(tmp_path, monkeypatch):
+    """Loggers (a wandb run, CSV folders) exist only once every check has passed: here the launcher's
+    process count disagrees with the config, found once the Trainer is built."""
+    import dataclasses
+    import importlib
+
+    train_module = importlib.import_module("t3.training.train")  # the package's `train` is the function
+
+    def validate_for_two(cfg, **kwargs):
+        return dataclasses.replace(validate(cfg, **kwargs), world_size=2)
+
+    monkeypatch.setattr(train_module, "validate", validate_for_two)
+    cfg = compose_train(
+        "logger.wandb=true", "logger.mode=offline", f"run_dir={tmp_path / 'run'}", root=tmp_path
+    )
+    with pytest.raises(ConfigError, match=r"the launcher started 1 processes but the config implies 2"):
+        train_module._train(cfg)
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "wandb_id.txt").exists() and not (run_dir / "wandb").exists()
+    assert not (run_dir / "csv").exists()
+
+
 def test_global_batch_must_split_over_the_world_size():
     cfg = compose_train("batch.global_size=6", "batch.micro_size=1", "strategy=ddp")
     assert validate(cfg, world_size=3).accumulate == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from t3.eval import run
+from t3.eval import main, run
 from t3.eval.generate_stage import checkpoint_sha256, is_complete, video_jobs
 from t3.eval.prompts import load_prompts
 from t3.models.tiny import save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
@@ -217,7 +217,7 @@ def test_bad_config_values_fail_before_any_model_is_loaded(tmp_path):
 )
 def test_settings_are_type_checked_before_any_model_is_loaded(tmp_path, override, words):
     # Model paths that do not exist: a type error must be reported before they are even looked at.
-    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={SHARED_FIXTURES / '4k_vbench.json'}",
+    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={PROMPT_LISTS / '4k_vbench.json'}",
             f"out_dir={tmp_path}", "generation.height=64", "generation.width=64", "generation.frames=5",
             "model.dit_path=/nonexistent", "model.vae_path=/nonexistent", "model.text_encoder_path=/nonexistent"]  # fmt: skip
     stage = "stage=speed" if override.startswith("speed.") else "stage=generate"
@@ -225,3 +225,30 @@ def test_settings_are_type_checked_before_any_model_is_loaded(tmp_path, override
         run(compose_eval(*base, stage, override))
     assert str(info.value) == words or words in str(info.value), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_eval_errors_are_one_line_without_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    base = ["model=tiny", "benchmark=tiny", f"out_dir={tmp_path}", "generation.height=64", "generation.width=64",
+            "generation.frames=5"]  # fmt: skip
+    cases = [
+        (["benchmark.prompts=missing.json"], "FileNotFoundError: benchmark.prompts='missing.json': no such file"),
+        (["model.dit_path=null"], "ValueError: ckpt / model.dit_path is required"),
+        ([f"model.dit_path={tmp_path}", "model.vae_path=/nonexistent", f"model.text_encoder_path={tmp_path}"],
+         "model.vae_path='/nonexistent': no such file"),
+        (["stage=speed", "speed.out_dir=${oc.env:T3_NOT_SET}"], "T3_NOT_SET"),
+    ]  # fmt: skip
+    for overrides, words in cases:
+        with pytest.raises(SystemExit) as info:
+            main(compose_eval(*base, *overrides))
+        message = str(info.value.code)
+        assert message.startswith("eval error: ") and "\n" not in message and words in message, message
+    # The command line: one line on stderr, exit status 1, no Hydra traceback.
+    cmd = [sys.executable, str(REPO_ROOT / "eval.py"), "benchmark.prompts=missing.json",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if "error" in line] == [
+        f"eval error: FileNotFoundError: benchmark.prompts='missing.json': no such file (relative to {tmp_path})"
+    ]

@@ -1,6 +1,7 @@
 """Evaluation: generate benchmark videos (sharded, resumable), score them, and measure speed.
 
-``python eval.py`` composes ``conf/eval.yaml`` and calls `run`, which dispatches on ``stage``:
+``python eval.py`` composes ``conf/eval.yaml`` and calls `main` (`run`, with bad input reported in one
+line), which dispatches on ``stage``:
 
 * ``generate`` (`t3.eval.generate_stage`): one video per prompt and seed; safe to kill and rerun;
 * ``score`` (`t3.eval.score_stage`): ``fvd_i3d``, ``fvd_i3d_crop224``, ``vtc_clip``, and ``vtc_viclip`` and
@@ -11,8 +12,8 @@ The metrics are named after their models; none is claimed to be the T3 paper's V
 """
 
 from t3.eval.prompts import register_resolvers
-from t3.eval.run import STAGES, run
+from t3.eval.run import STAGES, main, run
 
 register_resolvers()  # ${t3.prompt_list:...} in conf/benchmark/*.yaml
 
-__all__ = ["STAGES", "run"]
+__all__ = ["STAGES", "main", "run"]

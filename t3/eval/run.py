@@ -5,7 +5,8 @@
 * ``stage=score``: ``results.json`` / ``results.md`` / wandb table (`t3.eval.score_stage.run_scoring`);
 * ``stage=speed``: dense vs T3 latency, memory and MACs (`t3.eval.speed_stage.run_speed`).
 
-Config values are checked here, before any weights are read; errors are one line naming the key.
+Config values are checked here, before any weights are read; errors are one line naming the key, and
+`main` (what ``eval.py`` calls) prints them as that one line instead of a traceback.
 Relative paths are relative to the working directory (Hydra does not change it, ``hydra.job.chdir=false``).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,9 @@ from t3.eval.metrics import DoverSettings, ViClipSettings
 from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
 from t3.eval.score_stage import FVDSettings, ScoreSettings, run_scoring
 from t3.eval.speed_stage import SpeedSettings, run_speed
-from t3.summary import write_run_summary
+from t3.summary import describe_error, write_run_summary
 
-__all__ = ["STAGES", "run"]
+__all__ = ["STAGES", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,23 @@ def _generation(cfg: DictConfig) -> GenerationSettings:
     if "seeds" in values:
         values["seeds"] = tuple(values["seeds"])
     return _settings(GenerationSettings, values, "generation")
+
+
+def main(cfg: DictConfig) -> Any:
+    """`run` for the command line (``eval.py``): bad input ends the process with one line, exit status 1.
+
+    Bad input is what the stages reject, each naming the key, file or value: ``ValueError`` (a config
+    value, a malformed file), ``OSError`` (a missing file or folder) and OmegaConf's errors (a value that
+    cannot be resolved). ``HYDRA_FULL_ERROR=1`` shows the traceback instead, as for Hydra's own errors.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return run(cfg)
+    except (ValueError, OSError, OmegaConfBaseException) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"eval error: {describe_error(err)}") from None
 
 
 def run(cfg: DictConfig) -> Any:

@@ -354,7 +354,7 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         limit_val_batches=cfg.validation.num_batches if validate_every else 0,
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        logger=_build_loggers(cfg, run_dir) or False,
+        logger=False,  # attached below, once the last check has passed: a failed start leaves no wandb run
         callbacks=[*_callbacks(cfg, facts, run_dir), *callbacks],
         # Who started the processes (Lightning, torchrun, srun or submitit): see t3.launch.
         plugins=cluster_plugins(num_processes=facts.world_size),
@@ -372,6 +372,7 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
             f"trainer.devices={cfg.trainer.devices!r}: the launcher started {trainer.world_size} processes but the "
             f"config implies {facts.world_size} (devices x num_nodes); make them agree"
         )
+    trainer.loggers = _build_loggers(cfg, run_dir)
     _log_config(trainer, cfg)
     if ckpt_path:
         logger.info("resuming from %s", ckpt_path)
