@@ -6,8 +6,14 @@
 Every run folder holds a ``summary.json`` (`t3.summary`). Runs are named by the overrides that vary
 across the sweep. Where the folder is a Hydra multirun (``multirun.yaml``), the expected jobs are
 expanded from its sweep overrides, and jobs that never wrote a summary are listed as missing; runs
-whose summary says ``failed`` are listed with their error. Writes ``report.md``, ``report.csv`` and
-``report.png`` (quality vs speed per variant) into ``--out`` (default: the sweep folder).
+whose summary says ``failed`` are listed with their error.
+
+The printed table (and ``report.md``) has a chosen set of columns: the variant, the quality metric
+(``--quality``) and its difference from the baseline run, the speed figure (``--speed``) as a ratio to
+the baseline, the self-attention MACs and the device. The baseline is ``--baseline <variant>``, by
+default the dense run (``t3=dense``) when the sweep has one, else the first completed run.
+``report.csv`` and ``report.json`` keep every metric, speed figure, checkpoint and folder;
+``report.png`` plots quality vs speed per variant. All go into ``--out`` (default: the sweep folder).
 """
 
 from __future__ import annotations
@@ -171,22 +177,103 @@ def rows(report: Report) -> tuple[list[str], list[list[Any]]]:
     return header, table
 
 
-def markdown(report: Report, title: str) -> str:
-    header, table = rows(report)
-    counts = {s: sum(1 for r in table if r[2] == s) for s in ("completed", "failed", "missing", "unreadable")}
-    lines = [
-        f"# {title}",
-        "",
-        ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no runs found",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+MACS_KEY = "macs/self_attention"
+
+
+def find_baseline(report: Report, label: str | None = None) -> Run | None:
+    """The completed run that deltas are taken against: variant ``label``, else ``t3=dense``, else the first.
+
+    Raises:
+        ValueError: If ``label`` names no completed run.
+    """
+    completed = [r for r in report.runs if r.status == "completed"]
+    if label is not None:
+        for run in completed:
+            if report.label(run.overrides) == label or label in run.overrides:
+                return run
+        labels = [report.label(r.overrides) for r in completed]
+        raise ValueError(f"--baseline {label!r}: no completed run of that variant; completed: {labels}")
+    dense = [r for r in completed if "t3=dense" in r.overrides]
+    return (dense or completed or [None])[0]
+
+
+def _value(run: Run, section: str, key: str) -> Any:
+    value = ((run.summary or {}).get(section) or {}).get(key)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:g}"
+
+
+def summary_table(
+    report: Report, quality: str, speed: str, baseline: Run | None
+) -> tuple[list[str], list[list[str]]]:
+    """The printed table: chosen columns only, formatted; one row per run, then one per missing job."""
+    runs = report.runs
+    has_quality = any(_value(r, "metrics", quality) is not None for r in runs)
+    has_speed = any(_value(r, "speed", speed) is not None for r in runs)
+    has_macs = any(_value(r, "speed", MACS_KEY) is not None for r in runs)
+    base_quality = None if baseline is None else _value(baseline, "metrics", quality)
+    base_speed = None if baseline is None else _value(baseline, "speed", speed)
+    header = ["variant", "status"]
+    header += [quality, f"Δ {quality}"] if has_quality else []
+    header += [speed, f"{speed} / baseline"] if has_speed else []
+    header += ["self-attention MACs"] if has_macs else []
+    header += ["device"]
+    table = []
+    for run in runs:
+        row = [report.label(run.overrides), run.status]
+        if has_quality:
+            q = _value(run, "metrics", quality)
+            row += [_fmt(q), "-" if q is None or base_quality is None else f"{q - base_quality:+.4g}"]
+        if has_speed:
+            v = _value(run, "speed", speed)
+            row += [_fmt(v), "-" if v is None or not base_speed else f"{v / base_speed:.2f}x"]
+        if has_macs:
+            row += [_count(_value(run, "speed", MACS_KEY))]
+        row += [_fmt(((run.summary or {}).get("speed") or {}).get("device"))]
+        table.append(row)
+    for overrides in report.missing:
+        table.append([report.label(overrides), "missing", *["-"] * (len(header) - 2)])
+    return header, table
+
+
+def markdown(
+    report: Report,
+    title: str,
+    *,
+    quality: str = "val/loss",
+    speed: str = "perf/step_time_s",
+    baseline: Run | None = None,
+) -> str:
+    """The report as Markdown: counts, the chosen-columns table, and the runs without results."""
+    header, table = summary_table(report, quality, speed, baseline)
+    counts = {s: sum(1 for r in table if r[1] == s) for s in ("completed", "failed", "missing", "unreadable")}
+    lines = [f"# {title}", "", ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no runs found", ""]
+    if baseline is not None:
+        lines += [
+            f"Baseline: {report.label(baseline.overrides)}. Every figure of every run: report.csv, report.json.",
+            "",
+        ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    problems = [
+        (report.label(r.overrides), r.status, (r.summary or {}).get("error") or r.problem)
+        for r in report.runs
     ]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table]
-    problems = [row for row in table if row[2] != "completed"]
+    problems = [p for p in problems if p[1] != "completed"]
+    problems += [(report.label(o), "missing", None) for o in report.missing]
     if problems:
         lines += ["", "Runs without results:"]
-        lines += [f"- {row[1]}: {row[2]}" + (f" ({row[-1]})" if row[-1] else "") for row in problems]
+        lines += [
+            f"- {label}: {status}" + (f" ({error})" if error else "") for label, status, error in problems
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -219,19 +306,28 @@ def plot(report: Report, path: Path, quality: str, speed: str) -> bool:
     return True
 
 
-def write(report: Report, out_dir: Path, title: str, quality: str, speed: str) -> dict[str, Path]:
-    """Write report.md, report.csv, report.json (and report.png where there is something to plot)."""
+def write(
+    report: Report, out_dir: Path, title: str, quality: str, speed: str, baseline: Run | None = None
+) -> dict[str, Path]:
+    """Write report.md (chosen columns), report.csv and report.json (everything), report.png (if any)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header, table = rows(report)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows([["" if v is None else v for v in row] for row in table])
+    text = markdown(report, title, quality=quality, speed=speed, baseline=baseline)
     written = {}
-    for name, text in (("report.md", markdown(report, title)), ("report.csv", buffer.getvalue())):
-        written[name] = write_text_atomic(out_dir / name, text)
+    for name, content in (("report.md", text), ("report.csv", buffer.getvalue())):
+        written[name] = write_text_atomic(out_dir / name, content)
     written["report.json"] = write_json_atomic(
-        out_dir / "report.json", {"header": header, "rows": table, "varying": report.varying}
+        out_dir / "report.json",
+        {
+            "header": header,
+            "rows": table,
+            "varying": report.varying,
+            "baseline": None if baseline is None else report.label(baseline.overrides),
+        },
     )
     if plot(report, out_dir / "report.png", quality, speed):
         written["report.png"] = out_dir / "report.png"
@@ -246,11 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: the sweep folder")
     parser.add_argument("--quality", default="val/loss", help="metric on the plot's y axis")
     parser.add_argument("--speed", default="perf/step_time_s", help="speed figure on the plot's x axis")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="variant the deltas are taken against (default: t3=dense, else the first)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = collect(args.sweep_dir)
-    written = write(report, args.out or args.sweep_dir, f"Sweep {args.sweep_dir}", args.quality, args.speed)
-    sys.stdout.write(markdown(report, f"Sweep {args.sweep_dir}"))
+    try:
+        baseline = find_baseline(report, args.baseline)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    title = f"Sweep {args.sweep_dir.resolve().name}"
+    written = write(report, args.out or args.sweep_dir, title, args.quality, args.speed, baseline)
+    sys.stdout.write(markdown(report, title, quality=args.quality, speed=args.speed, baseline=baseline))
     logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
     failed = [r for r in rows(report)[1] if r[2] != "completed"]
     return 1 if failed else 0

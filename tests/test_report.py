@@ -87,7 +87,8 @@ def test_report_lists_completed_failed_and_missing_runs(sweep, capsys):
     assert main([str(sweep)]) == 1  # not every run completed
     out = capsys.readouterr().out
     assert "2 completed, 1 failed, 1 missing" in out
-    assert "| 0 | t3=dense seed=0 | completed | 0.3 | 0.5 | CPU test |" in out
+    assert "| t3=dense seed=0 | completed | 0.3 | +0 | 0.5 | 1.00x | CPU test |" in out
+    assert "| t3=dense seed=1 | completed | 0.31 | +0.01 | 0.5 | 1.00x | CPU test |" in out
     assert "t3=wan21_windows seed=1: missing" in out and "PlanError: layer 1" in out
     table = json.loads((sweep / "report.json").read_text())
     assert table["header"][:4] == ["run", "variant", "status", "val/loss"]
@@ -118,3 +119,47 @@ def test_summary_error_is_one_line_leading_with_the_root_cause():
         describe_error(ValueError("x" * 1000)).endswith("...")
         and len(describe_error(ValueError("x" * 1000))) == 600
     )
+
+
+def test_report_table_has_chosen_columns_and_deltas_while_the_files_keep_everything(tmp_path, capsys):
+    sweep = tmp_path / "study"
+    for num, (schedule, loss, step, macs) in enumerate(
+        [("wan21_windows", 0.32, 0.25, 6.4e6), ("dense", 0.30, 1.0, 55.3e6), ("wan21_windows_unshared", 0.31, 0.5, 12.8e6)]
+    ):  # fmt: skip
+        make_job(
+            sweep,
+            num,
+            ["experiment=demo", f"t3={schedule}"],
+            "completed",
+            metrics={"val/loss": loss, "train/loss": 1.0, "train/lr": 2e-5},
+            speed={
+                "perf/step_time_s": step,
+                "perf/samples_per_s": 4 / step,
+                "macs/self_attention": macs,
+                "device": "CPU test",
+            },  # fmt: skip
+            checkpoint=str(tmp_path / "abs" / "export" / str(num)),
+        )
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "Baseline: t3=dense" in out  # a dense run is the baseline when there is one
+    assert "| variant | status | val/loss | Δ val/loss | perf/step_time_s | perf/step_time_s / baseline " \
+           "| self-attention MACs | device |" in out  # fmt: skip
+    assert "| t3=wan21_windows | completed | 0.32 | +0.02 | 0.25 | 0.25x | 6.4 M | CPU test |" in out
+    assert "| t3=dense | completed | 0.3 | +0 | 1 | 1.00x | 55.3 M | CPU test |" in out
+    assert str(tmp_path) not in out and "train/lr" not in out  # no raw keys, no absolute paths
+    markdown = (sweep / "report.md").read_text()
+    assert markdown.count("| t3=") == 3 and str(tmp_path) not in markdown
+    # The files keep every figure, path and folder.
+    data = json.loads((sweep / "report.json").read_text())
+    assert {"run", "train/lr", "perf/samples_per_s", "checkpoint", "error"} <= set(data["header"])
+    assert data["baseline"] == "t3=dense"
+    assert (
+        "train/lr" in (sweep / "report.csv").read_text()
+        and str(tmp_path) in (sweep / "report.csv").read_text()
+    )
+    # Another baseline, by its label.
+    assert main([str(sweep), "--baseline", "t3=wan21_windows"]) == 0
+    assert "| t3=dense | completed | 0.3 | -0.02 | 1 | 4.00x | 55.3 M | CPU test |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--baseline 't3=nope': no completed run of that variant"):
+        main([str(sweep), "--baseline", "t3=nope"])

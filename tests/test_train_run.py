@@ -598,6 +598,9 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path, cache_dir):
     train(cfg)
     first = read_run_summary(cfg.run_dir)
     assert first["metrics"]["val/loss"] is not None and first["speed"]["perf/step_time_s"] > 0
+    # Cost beside speed: T3's self-attention MACs, below dense attention's over the tiny model's 5 layers
+    # (2 heads x 12 channels) on the (5, 2, 2) token grid.
+    assert 0 < first["speed"]["macs/self_attention"] < 5 * 2 * 20 * 20 * 2 * 12
     metrics, _ = train(cfg)  # the same command again: nothing left to train
     again = read_run_summary(cfg.run_dir)
     assert again["status"] == "completed"

@@ -206,6 +206,10 @@ def _finished_summary(run_dir: str | Path, step: int) -> dict[str, Any] | None:
     return summary
 
 
+# Metrics that are speed or cost figures: the summary's ``speed`` section (with the device), not ``metrics``.
+_COST_PREFIXES = ("perf/", "macs/")
+
+
 def write_train_summary(
     cfg: DictConfig,
     status: str,
@@ -243,11 +247,11 @@ def write_train_summary(
             experiment=cfg.experiment_name,
             overrides=list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
             resolved_config=resolved,
-            metrics={k: v for k, v in metrics.items() if not k.startswith("perf/")},
+            metrics={k: v for k, v in metrics.items() if not k.startswith(_COST_PREFIXES)},
             speed=earlier["speed"]
             if earlier is not None
             else {
-                **{k: v for k, v in metrics.items() if k.startswith("perf/")},
+                **{k: v for k, v in metrics.items() if k.startswith(_COST_PREFIXES)},
                 "device": device_name(device),
             },
             checkpoint=str(checkpoint or newest_checkpoint(cfg.run_dir) or "") or None,
@@ -397,6 +401,7 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
 
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     metrics.update(timer.summary())
+    metrics.update(_macs(cfg, facts))
     objects = {
         "cfg": cfg,
         "facts": facts,
@@ -421,6 +426,17 @@ def _resume_point(cfg: DictConfig, run_dir: Path, digest: tuple[str, dict[str, A
     return find_resume_checkpoint(
         run_dir, digest[0], settings=digest[1], allow_changed_config=cfg.resume_changed_config
     )
+
+
+def _macs(cfg: DictConfig, facts: RunFacts) -> dict[str, float]:
+    """MACs of one DiT forward per sample with the run's schedule (`t3.attention.flops`): the cost figures
+    of the run's summary, beside its speed."""
+    from t3.attention.flops import dit_macs
+    from t3.models.presets import get_spec
+
+    spec = get_spec(cfg.model.preset)
+    macs = dit_macs(spec.dit_config, facts.grid, text_tokens=spec.text_len, schedule=facts.schedule)
+    return {"macs/self_attention": float(macs.self_attention), "macs/dit_forward": float(macs.total)}
 
 
 def _export(
