@@ -5,15 +5,31 @@
     python eval.py ... stage=score metrics.fvd_i3d.weights=/path/i3d_torchscript.pt benchmark.data_root=/data
     python eval.py ... stage=speed generation.height=720 generation.width=1280
 
-See ``conf/eval.yaml`` for every option and ``slurm/eval_array.sbatch`` for the array job.
+Main options:
+    stage=generate|score|speed   default generate
+    benchmark=NAME               4k_vbench, 4k_world_vision (prompt lists shipped), tiny; benchmark.prompts=FILE
+    model=NAME, ckpt=PATH        the DiT (any format t3.models.load_dit reads); model.vae_path, model.text_encoder_path
+    t3=SCHEDULE                  the T3 schedule (conf/t3/), dense for the baseline
+    generation.height/width/frames/steps/seeds   default: the authors' 2176x3840x81, 50 steps, seed 0
+    shard_index=I num_shards=N   default: $SLURM_ARRAY_TASK_ID / $SLURM_ARRAY_TASK_COUNT
+    out_dir=PATH                 default outputs/eval/<benchmark>/<run_name>
+    speed.macs_only=true         MAC counts only (any size, on a CPU)
+
+See ``conf/eval.yaml`` for every option and ``slurm/eval_array.sbatch`` for the array job. Bad input stops
+with one line naming it (``HYDRA_FULL_ERROR=1`` for the traceback).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import t3.eval
+from t3.cli import register_help
+
+register_help(__doc__, "eval.py", Path(__file__).parent / "conf", ("benchmark", "model", "t3", "metrics"))
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

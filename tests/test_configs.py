@@ -208,6 +208,20 @@ def test_cli_config_error_is_one_line_before_any_model(tmp_path):
     assert not (tmp_path / "outputs" / "default" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_help_starts_with_usage_and_main_options(script, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] and "powered by Hydra" not in lines[0]  # the script's own first line, not a banner
+    assert any(line.strip().startswith(f"python {script}") for line in lines[:12])  # usage lines come first
+    assert "Main options" in proc.stdout and "Config groups" in proc.stdout and "--cfg job" in proc.stdout
+    assert any(line.split()[:2] == ["model", "tiny,"] for line in lines)  # a group with its options
+    assert "Powered by Hydra" not in proc.stdout and len(lines) < 80  # not the whole composed config
+
+
 def test_dry_run_cli_t3_4k_needs_no_weights(tmp_path):
     proc = subprocess.run(
         [

@@ -590,10 +590,11 @@ def test_failed_run_summary_keeps_the_root_cause(tmp_path, cache_dir):
     assert "\n" not in summary["error"]
 
 
-def test_rerunning_a_finished_run_keeps_its_results(tmp_path, cache_dir):
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path, cache_dir, caplog):
     from t3.report import collect, rows
     from t3.summary import read_run_summary
 
+    caplog.set_level(logging.INFO)
     cfg = run_cfg(tmp_path, cache_dir, "trainer.max_steps=2", "validation.every_n_steps=2")
     train(cfg)
     first = read_run_summary(cfg.run_dir)
@@ -601,6 +602,7 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path, cache_dir):
     # Cost beside speed: T3's self-attention MACs, below dense attention's over the tiny model's 5 layers
     # (2 heads x 12 channels) on the (5, 2, 2) token grid.
     assert 0 < first["speed"]["macs/self_attention"] < 5 * 2 * 20 * 20 * 2 * 12
+    assert "litlogger" not in caplog.text and "was configured so" not in caplog.text  # Lightning's noise
     metrics, _ = train(cfg)  # the same command again: nothing left to train
     again = read_run_summary(cfg.run_dir)
     assert again["status"] == "completed"

@@ -44,13 +44,31 @@ __all__ = ["train"]
 logger = logging.getLogger(__name__)
 
 
+class _LightningNoise(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger and its notes restating t3's own settings."""
+
+    PATTERNS = ("litlogger", "was configured so")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p in message for p in self.PATTERNS)
+
+
 def _setup_logging() -> None:
-    """One log stream, from rank zero.
+    """One log stream, from rank zero, without third-party noise.
 
     ``import lightning`` adds a console handler of its own unconditionally; under Hydra (or any configured
     root logger) every Lightning message would print twice, so it is dropped then. On ranks other than
-    zero, t3's own INFO messages are silenced (warnings and errors still show).
+    zero, t3's own INFO messages are silenced (warnings and errors still show). Lightning's "litlogger"
+    tip and its notes on ``limit_val_batches`` are dropped, and so is a deprecation warning that Lightning
+    triggers inside torch on every run (nothing a user can act on).
     """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _LightningNoise) for f in lightning_info.filters):
+        lightning_info.addFilter(_LightningNoise())
     if rank_zero_only.rank > 0:
         logging.getLogger("t3").setLevel(logging.WARNING)
     if logging.getLogger().handlers:
