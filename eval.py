@@ -1,6 +1,6 @@
 """Evaluate a T3 (or dense) model: generate benchmark videos, score them, or measure speed.
 
-    python eval.py benchmark=4k_vbench model=wan2.1-t2v-1.3b t3=wan21_windows ckpt=/path/to/dit
+    python eval.py benchmark=4k_vbench model=wan2.1-t2v-1.3b ckpt=/path/to/dit   # with the ckpt's own schedule
     python eval.py ... dry_run=true num_shards=8        # what each shard of an 8-task array would do
     python eval.py ... stage=score metrics.fvd_i3d.weights=/path/i3d_torchscript.pt benchmark.data_root=/data
     python eval.py ... stage=speed generation.height=720 generation.width=1280
@@ -9,7 +9,8 @@ Main options:
     stage=generate|score|speed   default generate
     benchmark=NAME               4k_vbench, 4k_world_vision (prompt lists shipped), tiny; benchmark.prompts=FILE
     model=NAME, ckpt=PATH        the DiT (any format t3.models.load_dit reads); model.vae_path, model.text_encoder_path
-    t3=SCHEDULE                  the T3 schedule (conf/t3/), dense for the baseline
+    t3=SCHEDULE                  default: the one the ckpt's T3 record names (else wan21_windows); dense:
+                                 the baseline; differing from the record needs allow_schedule_change=true
     generation.height/width/frames/steps/seeds   default: the authors' 2176x3840x81, 50 steps, seed 0
     shard_index=I num_shards=N   default: $SLURM_ARRAY_TASK_ID / $SLURM_ARRAY_TASK_COUNT
     out_dir=PATH                 default outputs/eval/<benchmark>/<run_name>

@@ -873,6 +873,11 @@ def _build_schedule(cfg: DictConfig) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    if cfg.t3.get("from_checkpoint"):
+        raise ConfigError(
+            "t3=from_checkpoint: eval.py's default (the schedule a checkpoint was trained with); "
+            "training needs a schedule of its own, e.g. t3=wan21_windows or t3=dense"
+        )
     try:
         return instantiate(cfg.t3)
     except InstantiationException as err:

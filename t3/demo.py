@@ -636,15 +636,16 @@ def evaluate(
     ev = demo.eval
 
     # The three models: the untransformed pretrained DiT, a T3 copy of it, and the fine-tuned DiT with T3.
-    dense = load_dit(pretrained, preset=cfg.model.preset)
+    dense = load_dit(pretrained, preset=cfg.model.preset, transform=False)
     t3_before = t3.transform(
         copy.deepcopy(dense),
         schedule,
         backend=cfg.model.attention_backend,
         tokens_per_call=cfg.model.get("attention_tokens_per_call"),
+        allow_schedule_change=True,  # dense-trained weights with T3: the "before fine-tuning" row, on purpose
     )
     t3_after = t3.transform(
-        load_dit(finetuned, preset=cfg.model.preset),
+        load_dit(finetuned, preset=cfg.model.preset, transform=False),
         schedule,
         backend=cfg.model.attention_backend,
         tokens_per_call=cfg.model.get("attention_tokens_per_call"),

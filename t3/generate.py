@@ -216,7 +216,8 @@ class T2VGenerator:
 
     The DiT is transformed in place with ``t3.transform(dit, schedule, backend)`` unless ``schedule`` is
     None or ``"none"``. ``"dense"`` still transforms (full attention through the T3 op), so dense vs T3
-    comparisons run the same code path.
+    comparisons run the same code path. By default (``"recorded"``) the schedule is the one the DiT's T3
+    record names (`t3.models.record`: a t3 export, or a model transformed before), else ``dense``.
 
     Args:
         dit: A diffusers ``WanTransformer3DModel`` (e.g. from `t3.models.load_dit`).
@@ -225,7 +226,8 @@ class T2VGenerator:
             from. May be None when ``embedding_cache`` already holds every prompt. It runs on whatever
             device it is on: move it with ``text_encoder.to(...)``.
         spec: The model's `ModelSpec` or preset name; decides the legal sizes and the latent shape.
-        schedule: A T3 `Schedule`, a preset name, or None/``"none"`` to leave the DiT as it is.
+        schedule: A T3 `Schedule`, a preset name, ``"recorded"`` (see above), or None/``"none"`` to
+            leave the DiT as it is.
         backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
         tokens_per_call: bound on the gathered slots per T3 attention call (memory at 4K); None: automatic.
         scheduler: ``"unipc"`` (Wan's default sampler), ``"diffsynth_euler"`` (the T3 authors'), ``"euler"``, or a
@@ -237,9 +239,11 @@ class T2VGenerator:
         embedding_cache: A `PromptEmbeddingCache` to share (e.g. one backed by a disk folder); by default
             the generator makes an in-memory one.
         vae_tiling: Decode in spatial tiles when frames are larger than a tile (needed at 4K).
+        allow_schedule_change: Use ``schedule`` even where the DiT's T3 record names another one.
 
     Raises:
         ValueError: If the DiT does not match ``spec`` (latent channels or patch size).
+        t3.models.record.ScheduleConflictError: ``schedule`` differs from the DiT's recorded one.
     """
 
     def __init__(
@@ -249,7 +253,7 @@ class T2VGenerator:
         text_encoder: TextEncoder | str | os.PathLike | None,
         *,
         spec: ModelSpec | str,
-        schedule: Schedule | str | None = "dense",
+        schedule: Schedule | str | None = "recorded",
         backend: str = "auto",
         tokens_per_call: int | None = None,
         scheduler: str | SchedulerMixin = "unipc",
@@ -258,6 +262,7 @@ class T2VGenerator:
         device: torch.device | str = "cpu",
         embedding_cache: PromptEmbeddingCache | None = None,
         vae_tiling: bool = True,
+        allow_schedule_change: bool = False,
     ) -> None:
         self.spec = _as_spec(spec)
         config = dit.config
@@ -283,8 +288,19 @@ class T2VGenerator:
         self.dit = dit.to(self.device).eval().requires_grad_(False)
         if isinstance(schedule, str) and schedule.lower() == "none":
             schedule = None
+        if isinstance(schedule, str) and schedule == "recorded":
+            from t3.models.record import T3Record
+
+            record = T3Record.from_config(self.dit.config)
+            schedule = "dense" if record is None else record.schedule
         if schedule is not None:
-            t3.transform(self.dit, schedule, backend=backend, tokens_per_call=tokens_per_call)
+            t3.transform(
+                self.dit,
+                schedule,
+                backend=backend,
+                tokens_per_call=tokens_per_call,
+                allow_schedule_change=allow_schedule_change,
+            )
         self.schedule = schedule_of(self.dit)
 
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
@@ -557,6 +573,7 @@ def make_wan_pipeline(
     tokens_per_call: int | None = None,
     flow_shift: float = 5.0,
     expand_timesteps: bool = False,
+    allow_schedule_change: bool = False,
 ):
     """Assemble a diffusers ``WanPipeline`` from local components around a T3 DiT.
 
@@ -574,6 +591,7 @@ def make_wan_pipeline(
         tokens_per_call: bound on the gathered slots per T3 attention call when ``schedule`` is given.
         flow_shift: Timestep shift for a scheduler built from a name.
         expand_timesteps: The pipeline's per-token timestep mode (True in the Wan2.2-TI2V-5B release).
+        allow_schedule_change: Use ``schedule`` even where the DiT's T3 record names another one.
 
     Returns:
         A ``diffusers.WanPipeline``.
@@ -581,7 +599,13 @@ def make_wan_pipeline(
     from diffusers import WanPipeline
 
     if schedule is not None:
-        t3.transform(dit, schedule, backend=backend, tokens_per_call=tokens_per_call)
+        t3.transform(
+            dit,
+            schedule,
+            backend=backend,
+            tokens_per_call=tokens_per_call,
+            allow_schedule_change=allow_schedule_change,
+        )
     elif schedule_of(dit) is None:
         logger.info(
             "make_wan_pipeline: the DiT is not transformed; the pipeline runs dense diffusers attention"

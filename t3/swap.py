@@ -5,7 +5,8 @@ forward pre-hook on the transformer that records the post-patch token grid ``(T,
 input, because diffusers' Wan blocks never pass the grid down to their attention. Nothing else
 changes: no parameter is added or renamed, so ``state_dict()`` is identical and the model still saves
 and loads with diffusers. Cross-attention (``attn2``) is untouched. `untransform` restores the
-original processors.
+original processors. The schedule goes into the model's config as its T3 record (`t3.models.record`):
+a saved model carries it, and ``transform(model)`` without a schedule reads it back.
 
 The grid is kept after the forward (not cleared in a post-hook) because gradient checkpointing
 re-runs the blocks during backward and the processors read it again then.
@@ -153,26 +154,54 @@ def token_grid(model: nn.Module, latent_shape: torch.Size | tuple[int, ...]) -> 
 
 
 def transform(
-    model: nn.Module, schedule: Schedule | str, backend: str = "auto", tokens_per_call: int | None = None
+    model: nn.Module,
+    schedule: Schedule | str | None = None,
+    backend: str = "auto",
+    tokens_per_call: int | None = None,
+    *,
+    allow_schedule_change: bool = False,
 ) -> nn.Module:
     """Swap every self-attention of ``model`` for T3 attention with ``schedule`` (in place).
 
+    The schedule is recorded in the model's config (`t3.models.record`), so the model saved with
+    diffusers' ``save_pretrained`` (or `t3.models.save_dit`) says which schedule it runs.
+
     Args:
         model: a diffusers ``WanTransformer3DModel``.
-        schedule: a `Schedule` or the name of a preset (``dense``, ``wan21_4k``, ...).
+        schedule: a `Schedule` or the name of a preset (``dense``, ``wan21_4k``, ...); None: the schedule
+            of the T3 record the model carries (a model saved after `transform`, or a t3 export).
         backend: attention backend for the op (``auto``, ``sdpa``, ``flash``).
         tokens_per_call: bound on the gathered slots per attention call (bounds the transient memory
             of the grouped q, k, v at 4K); None: automatic (see `t3.attention.t3_attention`).
+        allow_schedule_change: run ``schedule`` even where the model's record names another one.
 
     Returns:
         The same model, now running T3 attention at any input resolution.
+
+    Raises:
+        t3.models.record.ScheduleConflictError: ``schedule`` differs from the recorded one and
+            ``allow_schedule_change`` is False.
     """
     from t3.attention.backends import resolve_tokens_per_call
+    from t3.models.record import RECORD_KEY, T3Record, choose_schedule
 
     resolve_tokens_per_call(tokens_per_call, torch.device("cpu"))  # a bad value fails here, not mid-forward
     if isinstance(schedule, str):
         schedule = get_schedule(schedule)
     layers = _self_attention_layers(model)
+    record = T3Record.from_config(model.config, source="the model's T3 record")
+    chosen = choose_schedule(record, schedule, allow_change=allow_schedule_change, source="this model")
+    if chosen is None:
+        raise ValueError(
+            "t3.transform: no schedule given and the model carries no T3 record; pass one "
+            "(e.g. 'wan21_windows', or 'dense' for full attention)"
+        )
+    schedule = chosen
+    if record is None or not record.schedule.same_attention(schedule):
+        from t3.models.dit import match_preset
+
+        new = T3Record(schedule=schedule, model_preset=match_preset(model.config))
+        model.register_to_config(**{RECORD_KEY: new.as_dict()})
     if getattr(model, _ATTR, None) is not None:
         untransform(model)
     state = GridState()

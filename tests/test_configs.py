@@ -211,7 +211,11 @@ def test_cli_config_error_is_one_line_before_any_model(tmp_path):
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 def test_help_starts_with_usage_and_main_options(script, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, str(REPO_ROOT / script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()

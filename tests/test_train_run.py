@@ -86,13 +86,23 @@ def test_train_tiny_cpu_logs_checkpoints_and_exports(tmp_path, cache_dir):
     # last.ckpt links the newest step checkpoint, including the final step off the save interval.
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_symlink() and torch.load(last, weights_only=False)["global_step"] == 3
-    # The export is the plain (untransformed) DiT with the trained weights, in both formats.
+    # The export is the plain (untransformed) DiT with the trained weights, in both formats, and the
+    # record of what they were trained with: load_dit applies its schedule.
+    from t3.models import read_record
+    from t3.summary import read_run_summary
+    from t3.swap import schedule_of
+
     trained = {k: v for k, v in objects["module"].dit.state_dict().items()}
     for fmt in ("diffusers", "wan"):
-        exported = load_dit(run_dir / "export" / fmt, preset="tiny")
+        exported = load_dit(run_dir / "export" / fmt, preset="tiny", transform=False)
         assert not hasattr(exported.blocks[0].attn1.processor, "schedule")
         for key, value in exported.state_dict().items():
             torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+        record = read_record(run_dir / "export" / fmt)
+        assert record.schedule == objects["facts"].schedule and record.schedule.name == "wan21_windows"
+        assert (record.model_preset, record.resolution, record.step) == ("tiny", (32, 32, 17), 3)
+        assert record.config_digest == read_run_summary(run_dir)["config_digest"]
+        assert schedule_of(load_dit(run_dir / "export" / fmt)) == record.schedule
     assert objects["facts"].accumulate == 4  # global batch 4 = micro 1 x 1 process x 4
 
 

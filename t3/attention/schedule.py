@@ -121,6 +121,53 @@ class Schedule:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         return [self.layer_plan(i, grid) for i in range(num_layers)]
 
+    def same_attention(self, other: Schedule) -> bool:
+        """True when ``other`` computes the same attention on every grid (same rules and sharing; the
+        name and description may differ)."""
+        return (self.rules, self.share_identical_branches) == (other.rules, other.share_identical_branches)
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON-able values, one entry per rule; `from_dict` rebuilds an equal schedule."""
+        return {
+            "name": self.name,
+            "rules": [
+                {
+                    "pieces" if r.pieces is not None else "window": list(r.pieces or r.window or ()),
+                    "branches": list(r.branches),
+                }
+                for r in self.rules
+            ],
+            "share_identical_branches": self.share_identical_branches,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Schedule:
+        """The schedule `as_dict` wrote; a malformed entry raises ValueError naming it."""
+        rules = data.get("rules")
+        if not isinstance(data.get("name"), str) or not isinstance(rules, list) or not rules:
+            raise ValueError("expected {name: str, rules: [non-empty list], ...}")
+        built = []
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, dict) or set(rule) - {"pieces", "window", "branches"}:
+                raise ValueError(f"rule {i}: expected {{pieces | window, branches}}, got {rule!r}")
+            try:
+                built.append(
+                    LayerRule(
+                        pieces=None if rule.get("pieces") is None else tuple(rule["pieces"]),
+                        window=None if rule.get("window") is None else tuple(rule["window"]),
+                        branches=tuple(rule.get("branches", BRANCHES)),
+                    )
+                )
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"rule {i}: {err}") from None
+        return cls(
+            name=str(data["name"]),
+            rules=tuple(built),
+            share_identical_branches=bool(data.get("share_identical_branches", True)),
+            description=str(data.get("description", "")),
+        )
+
     def describe(self, grid: Grid, num_layers: int | None = None) -> str:
         """A table of one period (or ``num_layers`` layers): plan, window, group size, branches."""
         grid = check_grid(grid)

@@ -11,9 +11,10 @@ line), which dispatches on ``stage``:
 The metrics are named after their models; none is claimed to be the T3 paper's VQA/VTC number.
 """
 
-from t3.eval.prompts import register_resolvers
-from t3.eval.run import STAGES, main, run
+from t3.eval import prompts
+from t3.eval.run import STAGES, main, register_resolvers, run
 
-register_resolvers()  # ${t3.prompt_list:...} in conf/benchmark/*.yaml
+prompts.register_resolvers()  # ${t3.prompt_list:...} in conf/benchmark/*.yaml
+register_resolvers()  # ${t3.recorded_schedule:...} in conf/t3/from_checkpoint.yaml
 
 __all__ = ["STAGES", "main", "run"]

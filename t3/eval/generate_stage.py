@@ -488,7 +488,7 @@ def _load_generator(settings: GenerationSettings, model: ModelPaths, schedule: S
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     assert model.dit_path and model.vae_path and model.text_encoder_path  # ModelPaths.check
-    dit = load_dit(model.dit_path, preset=model.preset, dtype=dtype)
+    dit = load_dit(model.dit_path, preset=model.preset, dtype=dtype, transform=False)
     vae = load_vae(model.vae_path, dtype=torch.float32)
     text_encoder = load_text_encoder(model.text_encoder_path, dtype=dtype).to(device)
     return T2VGenerator(
@@ -504,4 +504,7 @@ def _load_generator(settings: GenerationSettings, model: ModelPaths, schedule: S
         dtype=dtype,
         device=device,
         vae_tiling=settings.vae_tiling,
+        # The schedule was chosen against the checkpoint's T3 record by the caller (eval.py:
+        # t3.eval.run.eval_schedule, which refuses a conflict unless allow_schedule_change=true).
+        allow_schedule_change=True,
     )

@@ -21,15 +21,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from t3.attention import Schedule
+from t3.attention import Schedule, get_schedule
 from t3.eval.generate_stage import GenerationSettings, ModelPaths, check_settings, run_generation
 from t3.eval.metrics import DoverSettings, ViClipSettings
 from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
 from t3.eval.score_stage import FVDSettings, ScoreSettings, run_scoring
 from t3.eval.speed_stage import SpeedSettings, run_speed
+from t3.models.record import T3Record, choose_schedule
 from t3.summary import describe_error, write_run_summary
 
-__all__ = ["STAGES", "main", "run"]
+__all__ = ["STAGES", "eval_schedule", "main", "register_resolvers", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +51,70 @@ def _settings(cls: type, node: Any, key: str) -> Any:
     return cls(**values)
 
 
-def _schedule(cfg: DictConfig) -> Schedule:
+def _dit_path(cfg: DictConfig) -> str | None:
+    return cfg.ckpt if cfg.ckpt is not None else OmegaConf.select(cfg, "model.dit_path")
+
+
+def _existing_record(path: str | None) -> T3Record | None:
+    """The T3 record of the checkpoint at ``path``; None without a path, a checkpoint or a record (a
+    missing checkpoint is reported in one line by the stage that loads it; a malformed record here)."""
+    if path is None:
+        return None
+    from t3.models import read_record
+
+    try:
+        return read_record(path)
+    except FileNotFoundError:
+        return None
+
+
+def recorded_schedule_name(ckpt: str | None, dit_path: str | None, fallback: str) -> str:
+    """``${t3.recorded_schedule:...}`` of ``conf/t3/from_checkpoint.yaml``: the schedule name the
+    checkpoint's record gives (it names the output folder), else ``fallback``."""
+    try:
+        record = _existing_record(ckpt if ckpt is not None else dit_path)
+    except ValueError:  # a malformed record: eval_schedule reports it in one line
+        return fallback
+    return fallback if record is None else record.schedule.name
+
+
+def eval_schedule(cfg: DictConfig) -> Schedule:
+    """The T3 schedule to evaluate with: the checkpoint's recorded one by default (``t3=from_checkpoint``,
+    else ``t3.fallback`` without a record); an explicit ``t3=...`` that differs from the record is refused
+    unless ``allow_schedule_change=true``.
+
+    Raises:
+        t3.models.record.ScheduleConflictError: one line naming the checkpoint and both schedules.
+    """
     from hydra.utils import instantiate
 
+    path = _dit_path(cfg)
+    record = _existing_record(path)
+    if cfg.t3.get("from_checkpoint"):
+        if record is not None:
+            logger.info("%s: evaluating with its T3 schedule %r (its record)", path, record.schedule.name)
+            return record.schedule
+        fallback = cfg.t3.fallback
+        if path is not None:
+            logger.warning(
+                "%s has no T3 record: evaluating with t3=%s (the default); choose with t3=<schedule>",
+                path, fallback,
+            )  # fmt: skip
+        try:
+            return get_schedule(fallback)
+        except KeyError as err:
+            raise ValueError(f"t3.fallback={fallback!r}: {err.args[0]}") from None
     schedule = instantiate(cfg.t3)
     if not isinstance(schedule, Schedule):
         raise ValueError(f"t3: expected a T3 schedule config (conf/t3/*.yaml), got {type(schedule).__name__}")
-    return schedule
+    chosen = choose_schedule(record, schedule, allow_change=bool(cfg.allow_schedule_change), source=str(path))
+    assert chosen is not None
+    return chosen
+
+
+def register_resolvers() -> None:
+    """Register ``${t3.recorded_schedule:...}`` with OmegaConf (idempotent), for ``conf/t3/from_checkpoint.yaml``."""
+    OmegaConf.register_new_resolver("t3.recorded_schedule", recorded_schedule_name, replace=True)
 
 
 def _model(cfg: DictConfig) -> ModelPaths:
@@ -64,7 +122,7 @@ def _model(cfg: DictConfig) -> ModelPaths:
     # count need no weights, and generation names the missing key itself.
     return ModelPaths(
         preset=cfg.model.preset,
-        dit_path=cfg.ckpt if cfg.ckpt is not None else OmegaConf.select(cfg, "model.dit_path"),
+        dit_path=_dit_path(cfg),
         vae_path=OmegaConf.select(cfg, "model.vae_path"),
         text_encoder_path=OmegaConf.select(cfg, "model.text_encoder_path"),
     )
@@ -165,7 +223,7 @@ def _run_generate(cfg: DictConfig) -> Any:
     shard_index, num_shards = resolve_shard(cfg.shard_index, cfg.num_shards)
     settings = _generation(cfg)
     model = _model(cfg)
-    schedule = _schedule(cfg)
+    schedule = eval_schedule(cfg)
     if cfg.dry_run:
         check_settings(settings, model, schedule)  # a dry run is also the cheap check of a config
         lines = describe_shards(entries, num_shards)
@@ -233,7 +291,7 @@ def _run_speed(cfg: DictConfig) -> dict[str, Any]:
     out_dir = speed_values.pop("out_dir")
     return run_speed(
         model=_model(cfg),
-        schedule=_schedule(cfg),
+        schedule=eval_schedule(cfg),
         generation=_generation(cfg),
         speed=_settings(SpeedSettings, speed_values, "speed"),
         out_dir=out_dir,

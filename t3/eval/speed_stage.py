@@ -184,7 +184,7 @@ def _build_dit(model: ModelPaths, dtype: torch.dtype) -> tuple[torch.nn.Module, 
             "speed: %s DiT with random weights (timings do not depend on weight values)", model.preset
         )
         return WanTransformer3DModel(**dit_config(model.preset)).eval(), "random init"
-    return load_dit(model.dit_path, preset=model.preset, dtype=dtype), str(model.dit_path)
+    return load_dit(model.dit_path, preset=model.preset, dtype=dtype, transform=False), str(model.dit_path)
 
 
 def measure_speed(
@@ -265,6 +265,7 @@ def measure_speed(
             dit, vae, text_encoder, spec=spec, schedule=schedule, backend=generation.backend,
             tokens_per_call=generation.tokens_per_call, scheduler=generation.sampler, flow_shift=generation.flow_shift, dtype=dtype, device=device,
             embedding_cache=cache, vae_tiling=generation.vae_tiling,
+            allow_schedule_change=True,  # dense and T3 on the same weights: timings do not depend on them
         )  # fmt: skip
         x = torch.randn(latent_shape, dtype=dtype, device=device)
         t = torch.full((CFG_BATCH,), 500.0, device=device)

@@ -27,6 +27,7 @@ _LAZY = {
     "CheckpointMismatchError": "t3.models.dit",
     "load_dit": "t3.models.dit",
     "match_preset": "t3.models.dit",
+    "read_record": "t3.models.dit",
     "save_dit": "t3.models.dit",
     "PromptEmbeddingCache": "t3.models.text_encoder",
     "TextEncoder": "t3.models.text_encoder",
@@ -43,7 +44,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from t3.models.dit import CheckpointMismatchError, load_dit, match_preset, save_dit
+    from t3.models.dit import CheckpointMismatchError, load_dit, match_preset, read_record, save_dit
     from t3.models.text_encoder import PromptEmbeddingCache, TextEncoder, clean_prompt, load_text_encoder
     from t3.models.vae import (
         decode_latents,
@@ -84,6 +85,7 @@ __all__ = [
     "patch_size",
     "pixel_multiple",
     "preset_names",
+    "read_record",
     "save_dit",
     "vae_stride",
     "vae_tiling",

@@ -15,6 +15,10 @@ Accepted checkpoints (nothing is ever downloaded):
 Loading reads only the safetensors headers first and checks names and shapes against the architecture
 (built on the meta device), so a wrong file fails in milliseconds with a one-line error, before any weights
 are read or allocated.
+
+Every checkpoint `save_dit` writes keeps the model's T3 record (`t3.models.record`: the schedule the
+weights were trained with) in its config; `load_dit` transforms the model with that schedule by default
+and refuses a different explicit one unless ``allow_schedule_change=True``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from safetensors.torch import save_file
 
 from t3.io import give_umask_mode
 from t3.models.presets import DIT_PRESETS, dit_config, preset_names
+from t3.models.record import RECORD_KEY, T3Record
 from t3.models.wan_keys import (
     detect_key_format,
     diffusers_config_to_wan,
@@ -48,7 +53,7 @@ from t3.models.wan_keys import (
     wan_key_to_diffusers,
 )
 
-__all__ = ["CheckpointMismatchError", "load_dit", "match_preset", "save_dit"]
+__all__ = ["CheckpointMismatchError", "load_dit", "match_preset", "read_record", "save_dit"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +95,15 @@ def load_dit(
     *,
     allow_partial: bool = False,
     dtype: torch.dtype | str | None = None,
+    schedule: Any = None,
+    allow_schedule_change: bool = False,
+    transform: bool = True,
 ) -> WanTransformer3DModel:
     """Load a Wan DiT from a local checkpoint in diffusers or original Wan format.
+
+    A checkpoint with a T3 record (`t3.models.record`; every t3 export has one) comes back transformed
+    with the schedule it was trained with; one without (a Wan release) comes back plain, as stored,
+    unless ``schedule`` is given.
 
     Args:
         path: A checkpoint folder or ``.safetensors`` file (see the module docstring for accepted layouts).
@@ -103,16 +115,24 @@ def load_dit(
             diffusers, the modules in ``WanTransformer3DModel._keep_in_fp32_modules`` (norms, AdaLN tables,
             time embedder) stay in float32 when casting to 16 bits. ``None`` keeps the stored dtypes
             exactly, which makes load -> save bit-identical.
+        schedule: A T3 `Schedule` or preset name to transform with; None: the recorded one, if any.
+        allow_schedule_change: Use ``schedule`` even where the checkpoint's record names another one.
+        transform: False returns the plain model (the record is still on ``model.config``).
 
     Returns:
-        The model, on CPU, in eval mode.
+        The model, on CPU, in eval mode, transformed with the chosen schedule (see above).
 
     Raises:
         FileNotFoundError: If ``path`` (or one of its shards) does not exist or holds no weights.
         ValueError: If the architecture cannot be determined, the keys are neither Wan nor diffusers names,
             or a tensor's shape does not match the architecture.
         CheckpointMismatchError: If keys are missing or unexpected and ``allow_partial`` is False.
+        t3.models.record.ScheduleConflictError: If ``schedule`` differs from the recorded one and
+            ``allow_schedule_change`` is False (checked before any weight is read).
     """
+    from t3.attention import get_schedule
+    from t3.models.record import choose_schedule
+
     path = Path(path)
     target_dtype = _as_dtype(dtype)
     if preset is not None:
@@ -120,6 +140,9 @@ def load_dit(
     ckpt = _inspect(path)
     if preset is None:
         config, config_origin = _config_from_checkpoint(ckpt)
+    record = _record(ckpt)
+    requested = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    chosen = choose_schedule(record, requested, allow_change=allow_schedule_change, source=str(path))
 
     # Build the architecture without memory: parameters on the meta device, (non-persistent RoPE) buffers
     # real, as diffusers' own loader does.
@@ -166,7 +189,32 @@ def load_dit(
         state_dict = {**initial, **state_dict}
     # assign=True adopts the loaded tensors as they are (no copy, stored dtype preserved).
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval()
+    model.eval()
+    if record is not None:  # kept on the model, so a save keeps it and t3.transform(model) reads it
+        model.register_to_config(**{RECORD_KEY: record.as_dict()})
+    if transform and chosen is not None:
+        import t3
+
+        logger.info("%s: T3 schedule %r%s", path, chosen.name, " (its record)" if requested is None else "")
+        t3.transform(model, chosen, allow_schedule_change=allow_schedule_change)
+    return model
+
+
+def read_record(path: str | os.PathLike) -> T3Record | None:
+    """The T3 record of a DiT checkpoint (any layout `load_dit` reads), or None; reads no tensor.
+
+    Raises:
+        FileNotFoundError: No checkpoint at ``path``.
+        ValueError: A malformed record, naming the file.
+    """
+    config, origin = _checkpoint_config(*_locate(Path(path)))
+    return None if config is None else T3Record.from_config(config, source=origin or str(path))
+
+
+def _record(ckpt: _Checkpoint) -> T3Record | None:
+    if ckpt.config is None:
+        return None
+    return T3Record.from_config(ckpt.config, source=ckpt.config_origin or str(ckpt.source))
 
 
 def _inspect(path: Path) -> _Checkpoint:
@@ -174,10 +222,8 @@ def _inspect(path: Path) -> _Checkpoint:
     files, config_file = _locate(path)
     shape: dict[str, tuple[int, ...]] = {}
     file_of: dict[str, Path] = {}
-    metadata: dict[str, str] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            metadata = metadata or (f.metadata() or {})
             for key in f.keys():
                 if key in file_of:
                     raise ValueError(f"{file}: tensor {key!r} is also stored in {file_of[key]}")
@@ -203,11 +249,7 @@ def _inspect(path: Path) -> _Checkpoint:
         if new in raw_key:
             raise ValueError(f"{file_of[key]}: {raw_key[new]!r} and {key!r} both map to parameter {new!r}")
         raw_key[new] = key
-    config, config_origin = None, None
-    if config_file is not None:
-        config, config_origin = json.loads(config_file.read_text()), str(config_file)
-    elif METADATA_CONFIG_KEY in metadata:
-        config, config_origin = json.loads(metadata[METADATA_CONFIG_KEY]), f"{files[0]} metadata"
+    config, config_origin = _checkpoint_config(files, config_file)
     return _Checkpoint(
         source=path,
         files=files,
@@ -219,6 +261,20 @@ def _inspect(path: Path) -> _Checkpoint:
         shape={new: shape[raw] for new, raw in raw_key.items()},
         file_of={new: file_of[raw] for new, raw in raw_key.items()},
     )
+
+
+def _checkpoint_config(
+    files: list[Path], config_file: Path | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint's own config and where it came from: ``config.json``, else the config that
+    `save_dit` puts in a single file's safetensors metadata, else None."""
+    if config_file is not None:
+        return json.loads(config_file.read_text()), str(config_file)
+    with safe_open(files[0], framework="pt") as f:
+        metadata = f.metadata() or {}
+    if METADATA_CONFIG_KEY in metadata:
+        return json.loads(metadata[METADATA_CONFIG_KEY]), f"{files[0]} metadata"
+    return None, None
 
 
 def _locate(path: Path) -> tuple[list[Path], Path | None]:
@@ -396,8 +452,9 @@ def save_dit(
     max_shard_size: int | str = "10GB",
     preset: str | None = None,
     overwrite: bool = False,
+    record: T3Record | None = None,
 ) -> Path:
-    """Save a DiT as a diffusers folder or in the original Wan key format, atomically.
+    """Save a DiT as a diffusers folder or in the original Wan key format, atomically, with its T3 record.
 
     Everything is written under a temporary name in the destination's folder and renamed into place only
     when complete, so an interrupted save never leaves a half-written checkpoint at ``path``.
@@ -411,6 +468,8 @@ def save_dit(
         max_shard_size: Largest shard, in bytes or as ``"5GB"``-style string.
         preset: Preset name to record in the Wan config; found from the model's config if not given.
         overwrite: Replace an existing checkpoint at ``path``.
+        record: The T3 record to write into the checkpoint's config (`t3.models.record`); None keeps
+            the one on ``model.config`` (set by `t3.transform` or `load_dit`), if any.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -427,9 +486,16 @@ def save_dit(
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
 
+    record = record or T3Record.from_config(model.config)
+    recorded = {} if record is None else {RECORD_KEY: record.as_dict()}
     if format == "diffusers":
         with _atomic_dir(path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            if recorded:  # written into the saved config, never onto the caller's model
+                config_file = tmp / CONFIG_NAME
+                config_file.write_text(
+                    json.dumps({**json.loads(config_file.read_text()), **recorded}, indent=2)
+                )
             give_umask_mode(tmp)  # safetensors writes owner-only files
         logger.info("Saved DiT (diffusers format) to %s", path)
         return path
@@ -437,7 +503,7 @@ def save_dit(
     # Plain CPU tensors: safetensors refuses non-contiguous or device tensors.
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     state_dict = diffusers_to_wan(state_dict, strict=True)
-    wan_config = diffusers_config_to_wan(model.config, preset or match_preset(model.config))
+    wan_config = {**diffusers_config_to_wan(model.config, preset or match_preset(model.config)), **recorded}
     if path.suffix == ".safetensors":
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:

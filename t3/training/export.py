@@ -2,8 +2,10 @@
 
 T3 adds no parameters, so the trained state dict already has the stock ``WanTransformer3DModel`` names;
 the export gathers it whole (collective under ZeRO-3 and FSDP2), folds LoRA adapters into the base
-weights, builds an untransformed model from it and saves with `t3.models.save_dit`. The result loads with
-``t3.models.load_dit`` or plain diffusers, and is what stage 2 starts from (``model.init_from``).
+weights, builds an untransformed model from it and saves with `t3.models.save_dit`, with the run's T3
+record (schedule, size, step, config digest; `t3.models.record`) in its config. The result loads with
+``t3.models.load_dit`` (transformed with the recorded schedule) or plain diffusers, and is what stage 2
+starts from (``model.init_from``).
 
 Under DeepSpeed the trainable weights are read from the optimizer's fp32 master copies
 (``deepspeed.utils.safe_get_full_fp32_param``), not from the bf16 module, so no precision is lost.
@@ -80,6 +82,7 @@ def export_dit(
     lora_scaling: float | None = None,
     dtype: str | None = None,
     preset: str | None = None,
+    record: Any = None,
 ) -> dict[str, Path]:
     """Save a gathered DiT state dict in each format under ``out_dir/<format>``.
 
@@ -91,6 +94,8 @@ def export_dit(
         lora_scaling: ``alpha / rank`` when the state dict holds LoRA adapters (they are merged).
         dtype: ``bf16``/``fp32`` cast of floating weights; None keeps them as trained.
         preset: Preset name recorded in the Wan config.
+        record: The `t3.models.record.T3Record` written into every format's config (schedule, size,
+            step, config digest); None keeps the one in ``config``, if any.
 
     Returns:
         ``{format: path}``.
@@ -115,6 +120,8 @@ def export_dit(
     out_dir = Path(out_dir)
     written = {}
     for fmt in formats:
-        written[fmt] = save_dit(model, out_dir / fmt, format=fmt, preset=preset, overwrite=True)
+        written[fmt] = save_dit(
+            model, out_dir / fmt, format=fmt, preset=preset, overwrite=True, record=record
+        )
     logger.info("exported the DiT to %s", ", ".join(str(p) for p in written.values()))
     return written

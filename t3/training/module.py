@@ -66,11 +66,12 @@ def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> 
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             return WanTransformer3DModel(**dit_config(cfg.preset))
+    # Plain weights: the module transforms them with the run's schedule (configure_model).
     if cfg.init_from is not None:
         logger.info("loading the DiT from %s (init_from)", cfg.init_from)
-        return load_dit(cfg.init_from, preset=cfg.preset)
+        return load_dit(cfg.init_from, preset=cfg.preset, transform=False)
     if cfg.dit_path is not None:
-        return load_dit(cfg.dit_path, preset=cfg.preset)
+        return load_dit(cfg.dit_path, preset=cfg.preset, transform=False)
     if not cfg.random_init:
         raise ValueError("model.dit_path, model.init_from or model.random_init=true is required")
     logger.warning("model.random_init: training a randomly initialised %s DiT", cfg.preset)
@@ -165,6 +166,8 @@ class T3FinetuneModule(L.LightningModule):
             self.schedule,
             backend=self.model_cfg.attention_backend,
             tokens_per_call=self.model_cfg.attention_tokens_per_call,
+            # Fine-tuning for a schedule is the point: weights recorded with another one are only logged.
+            allow_schedule_change=True,
         )
         ft = self.finetune
         self.trainable_summary = select_trainable(

@@ -460,6 +460,8 @@ def _macs(cfg: DictConfig, facts: RunFacts) -> dict[str, float]:
 def _export(
     cfg: DictConfig, trainer: L.Trainer, module: Any, run_dir: Path, gather: Any, export: Any
 ) -> dict[str, Any]:
+    from t3.models.record import T3Record
+    from t3.summary import config_digest
     from t3.training.callbacks import EMACallback
 
     state = gather(trainer, module.dit)  # collective
@@ -471,6 +473,14 @@ def _export(
             "lora_scaling": lora.alpha / lora.rank if cfg.finetune.trainable == "lora" else None,
             "dtype": cfg.export.dtype,
             "preset": cfg.model.preset,
+            # What the weights were trained with, beside them: eval.py and load_dit use its schedule.
+            "record": T3Record(
+                schedule=module.schedule,
+                model_preset=cfg.model.preset,
+                resolution=(cfg.data.height, cfg.data.width, cfg.data.num_frames),
+                step=trainer.global_step,
+                config_digest=config_digest(OmegaConf.to_container(cfg, resolve=True)),  # as in summary.json
+            ),
         }
         config = dict(module.dit.config)
         written = export(state, config, run_dir / "export", **common)
