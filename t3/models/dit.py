@@ -40,6 +40,7 @@ from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from t3.attention import Schedule, get_schedule
 from t3.io import give_umask_mode
 from t3.models.presets import DIT_PRESETS, dit_config, preset_names
 from t3.models.record import RECORD_KEY, T3Record
@@ -95,7 +96,7 @@ def load_dit(
     *,
     allow_partial: bool = False,
     dtype: torch.dtype | str | None = None,
-    schedule: Any = None,
+    schedule: Schedule | str | None = None,
     allow_schedule_change: bool = False,
     transform: bool = True,
 ) -> WanTransformer3DModel:
@@ -130,7 +131,6 @@ def load_dit(
         t3.models.record.ScheduleConflictError: If ``schedule`` differs from the recorded one and
             ``allow_schedule_change`` is False (checked before any weight is read).
     """
-    from t3.attention import get_schedule
     from t3.models.record import choose_schedule
 
     path = Path(path)
