@@ -333,7 +333,7 @@ def test_fvd_compares_videos_at_two_frame_rates_at_the_same_times(i3d_path, tmp_
     each file they would not (the reference clip would span half the time)."""
     out, data_root = tmp_path / "run", tmp_path / "data"
     out.mkdir()
-    entries = load_prompts(SHARED_FIXTURES / "4k_vbench.json", limit=3)
+    entries = load_prompts(PROMPT_LISTS / "4k_vbench.json", limit=3)
     for entry in entries:
         (data_root / entry.data_file).parent.mkdir(parents=True, exist_ok=True)
         _ramp_video(data_root / entry.data_file, fps=32, seconds=2, variant=entry.index)
