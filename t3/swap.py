@@ -135,6 +135,8 @@ class _Transformed:
 
 
 _ATTR = "_t3_transform"
+# The record this process's `transform` wrote on the model (a loaded record is not in it).
+_OWN_RECORD = "_t3_transform_record"
 
 
 def _self_attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -164,7 +166,9 @@ def transform(
     """Swap every self-attention of ``model`` for T3 attention with ``schedule`` (in place).
 
     The schedule is recorded in the model's config (`t3.models.record`), so the model saved with
-    diffusers' ``save_pretrained`` (or `t3.models.save_dit`) says which schedule it runs.
+    diffusers' ``save_pretrained`` (or `t3.models.save_dit`) says which schedule it runs. A record the
+    model was loaded with is binding (another schedule needs ``allow_schedule_change``); one an earlier
+    `transform` of the same object wrote is not.
 
     Args:
         model: a diffusers ``WanTransformer3DModel``.
@@ -190,6 +194,10 @@ def transform(
         schedule = get_schedule(schedule)
     layers = _self_attention_layers(model)
     record = T3Record.from_config(model.config, source="the model's T3 record")
+    if record is not None and getattr(model, _OWN_RECORD, None) == model.config.get(RECORD_KEY):
+        # Written by an earlier transform of this same object, not loaded with the weights: choosing
+        # another schedule in the same session overrides nothing the weights were trained with.
+        record = None
     chosen = choose_schedule(record, schedule, allow_change=allow_schedule_change, source="this model")
     if chosen is None:
         raise ValueError(
@@ -200,8 +208,9 @@ def transform(
     if record is None or not record.schedule.same_attention(schedule):
         from t3.models.dit import match_preset
 
-        new = T3Record(schedule=schedule, model_preset=match_preset(model.config))
-        model.register_to_config(**{RECORD_KEY: new.as_dict()})
+        new = T3Record(schedule=schedule, model_preset=match_preset(model.config)).as_dict()
+        model.register_to_config(**{RECORD_KEY: new})
+        object.__setattr__(model, _OWN_RECORD, new)
     if getattr(model, _ATTR, None) is not None:
         untransform(model)
     state = GridState()

@@ -92,6 +92,10 @@ def test_a_transformed_model_saved_with_diffusers_carries_its_schedule_back(tmp_
         loaded(x, torch.tensor([10]), torch.randn(1, 3, TINY_TEXT_DIM), return_dict=False)
     with pytest.raises(ValueError, match=r"no schedule given and the model carries no T3 record"):
         t3.transform(tiny_dit())
+    # In one session, a schedule chosen by an earlier transform of the same model binds nothing.
+    fresh = t3.transform(tiny_dit(), "dense")
+    t3.transform(fresh, "wan21_windows")
+    assert T3Record.from_config(fresh.config).schedule == get_schedule("wan21_windows")
 
 
 def test_eval_uses_the_checkpoints_schedule_and_refuses_another_unless_asked(tmp_path):
