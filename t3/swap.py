@@ -10,19 +10,29 @@ a saved model carries it, and ``transform(model)`` without a schedule reads it b
 
 The grid is kept after the forward (not cleared in a post-hook) because gradient checkpointing
 re-runs the blocks during backward and the processors read it again then.
+
+Copies and compilation:
+
+* The hook is an object (`RecordGrid`), not a closure, and it and the processors share their
+  `GridState` only through attributes of the model, so ``copy.deepcopy(model)`` (teacher/student, EMA)
+  gives the copy a hook and processors of its own that share a state of their own.
+* Under ``torch.compile`` every layer's plan and index maps are constants of one graph per
+  resolution: the hook runs outside the graph, and each processor gets its index maps from
+  `layer_index`, which dynamo evaluates while tracing instead of tracing their (data-dependent)
+  construction. Dynamo then guards on the grid, not on per-layer state, so a 30-layer model compiles
+  once per resolution instead of once per distinct layer plan.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from t3.attention import Grid, Schedule, get_schedule, t3_attention
+from t3.attention import Grid, GroupIndex, Schedule, get_schedule, group_index, grouped_attention
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,41 @@ class GridState:
 
     grid: Grid | None = None
     checked: set[Grid] = field(default_factory=set)
+
+
+class RecordGrid:
+    """The transformed model's forward pre-hook: record the token grid of each input in ``state``.
+
+    A grid is checked against the schedule the first time it is seen, so a plan that does not fit
+    fails before any attention runs, naming the layer. Excluded from ``torch.compile``: it runs on
+    Python values only, and traced, its guards on ``state`` would recompile it at every new grid.
+    """
+
+    def __init__(self, schedule: Schedule, num_layers: int, state: GridState) -> None:
+        self.schedule = schedule
+        self.num_layers = num_layers
+        self.state = state
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        grid = token_grid(module, hidden_states.shape)
+        if grid not in self.state.checked:
+            self.schedule.plans(grid, self.num_layers)
+            self.state.checked.add(grid)
+            logger.debug("T3 %s", self.schedule.describe(grid))
+        self.state.grid = grid
+
+
+@torch.compiler.assume_constant_result
+def layer_index(schedule: Schedule, layer: int, grid: Grid, device: torch.device) -> GroupIndex:
+    """The index maps of ``layer`` on ``grid`` (cached by `t3.attention.group_index`).
+
+    ``torch.compile`` calls this while tracing and keeps the result as a constant of the graph,
+    guarded on the arguments.
+    """
+    layer_plan = schedule.layer_plan(layer, grid)
+    return group_index(grid, layer_plan.plan, layer_plan.computed, device)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -99,29 +144,14 @@ class T3AttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
-    def attention_op(self) -> Callable[..., torch.Tensor]:
-        """The attention op, with `t3_attention`'s signature.
-
-        The one step that sequence parallelism replaces (`t3.parallel`): its op takes q, k, v
-        holding only this rank's shard of the tokens.
-        """
-        return t3_attention
-
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """This layer's T3 attention of ``[B, L, N, D]`` q, k, v over ``grid``."""
-        layer_plan = self.schedule.layer_plan(self.layer, grid)
-        return self.attention_op()(
-            query,
-            key,
-            value,
-            grid,
-            layer_plan.plan,
-            layer_plan.branches,
-            self.backend,
-            share_identical=self.schedule.share_identical_branches,
-            tokens_per_call=self.tokens_per_call,
-            layer=self.layer,
-        )
+        """This layer's T3 attention of ``[B, L, N, D]`` q, k, v over ``grid``.
+
+        The one step that sequence parallelism replaces (`t3.parallel`: q, k, v then hold only this
+        rank's shard of the tokens).
+        """
+        index = layer_index(self.schedule, self.layer, grid, query.device)
+        return grouped_attention(query, key, value, index, self.backend, tokens_per_call=self.tokens_per_call)
 
 
 @dataclass
@@ -219,18 +249,7 @@ def transform(
         original[i] = attn.processor
         attn.set_processor(T3AttnProcessor(i, schedule, state, backend, tokens_per_call))
 
-    num_layers = len(layers)
-
-    def record_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        grid = token_grid(module, hidden_states.shape)
-        if grid not in state.checked:
-            schedule.plans(grid, num_layers)  # fails here, naming the layer, before any attention runs
-            state.checked.add(grid)
-            logger.debug("T3 %s", schedule.describe(grid))
-        state.grid = grid
-
-    hook = model.register_forward_pre_hook(record_grid, with_kwargs=True)
+    hook = model.register_forward_pre_hook(RecordGrid(schedule, len(layers), state), with_kwargs=True)
     object.__setattr__(model, _ATTR, _Transformed(schedule, state, original, hook))
     return model
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from torch._dynamo.testing import CompileCounter
 
 import t3
 import t3.swap
@@ -48,10 +51,10 @@ def test_t3_schedule_equals_masked_dense_reference_model(model, monkeypatch):
     out = model(x, t, text).sample
     assert (out - dense).abs().max() > 1e-3  # windows change the function
 
-    def reference(q, k, v, grid, plan, branches, backend, **_):
-        return t3_attention_reference(q, k, v, grid, plan, branches)
+    def reference(q, k, v, index, backend, **_):
+        return t3_attention_reference(q, k, v, index.grid, index.plan, index.branches)
 
-    monkeypatch.setattr(t3.swap, "t3_attention", reference)
+    monkeypatch.setattr(t3.swap, "grouped_attention", reference)
     torch.testing.assert_close(model(x, t, text).sample, out, atol=1e-5, rtol=1e-5)
 
 
@@ -131,14 +134,90 @@ def test_tokens_per_call_reaches_every_layer_and_keeps_the_output(model, monkeyp
     t3.transform(model, MIXED, tokens_per_call=5)  # runs of single groups where groups exceed 5 slots
     assert {attn.processor.tokens_per_call for attn in (b.attn1 for b in model.blocks)} == {5}
     seen = []
-    real = t3.swap.t3_attention
+    real = t3.swap.grouped_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs["tokens_per_call"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(t3.swap, "t3_attention", spy)
+    monkeypatch.setattr(t3.swap, "grouped_attention", spy)
     torch.testing.assert_close(model(x, t, text).sample, out, atol=1e-5, rtol=1e-5)
     assert seen == [5] * len(model.blocks)
     with pytest.raises(ValueError, match="tokens_per_call must be a positive integer or None, got 0"):
         t3.transform(model, MIXED, tokens_per_call=0)
+
+
+# --- copies (teacher/student, EMA) ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_deep_copy_of_a_transformed_model_records_its_own_grid(model):
+    t3.transform(model, "wan21_windows")
+    twin = copy.deepcopy(model)  # what teacher/student and EMA code do
+    small, large = inputs(1, 3, 8, 12), inputs(1, 5, 16, 10)
+    # The copy's first call runs on its own recorded grid (it used to find none) ...
+    expected_small = model(*small).sample
+    torch.testing.assert_close(twin(*small).sample, expected_small, atol=0, rtol=0)
+    # ... and later calls never read the original's grid (they used to, silently).
+    expected_large = model(*large).sample
+    torch.testing.assert_close(twin(*small).sample, expected_small, atol=0, rtol=0)
+    torch.testing.assert_close(model(*large).sample, expected_large, atol=0, rtol=0)
+    assert schedule_of(twin).name == "wan21_windows"
+
+
+@torch.no_grad()
+def test_transform_and_untransform_of_a_copy_leave_the_original_alone(model):
+    x, t, text = inputs()
+    dense = model(x, t, text).sample
+    t3.transform(model, MIXED)
+    windowed = model(x, t, text).sample
+    twin = copy.deepcopy(model)
+    t3.untransform(twin)
+    assert (len(twin._forward_pre_hooks), len(model._forward_pre_hooks)) == (0, 1)  # each its own hook
+    torch.testing.assert_close(twin(x, t, text).sample, dense, atol=0, rtol=0)
+    torch.testing.assert_close(model(x, t, text).sample, windowed, atol=0, rtol=0)
+    t3.transform(twin, MIXED)
+    torch.testing.assert_close(twin(x, t, text).sample, windowed, atol=0, rtol=0)
+    t3.untransform(model)
+    torch.testing.assert_close(model(x, t, text).sample, dense, atol=0, rtol=0)
+    torch.testing.assert_close(twin(x, t, text).sample, windowed, atol=0, rtol=0)
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------
+
+
+def test_compiled_30_layer_model_compiles_once_per_resolution():
+    """All layers trace into one graph per resolution: no graph break, no per-layer recompile.
+
+    Before, dynamo guarded each layer's processor on its plan and broke the graph in the op, so a
+    30-layer model hit ``recompile_limit`` (8) at its second resolution and fell back to eager.
+    """
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**TINY, "num_layers": 30}).eval()
+    t3.transform(model, "wan21_windows")
+    counter = CompileCounter()  # counts the graphs compiled; runs them eagerly (fast to compile)
+    compiled = torch.compile(model, backend=counter, fullgraph=True)  # fullgraph: a graph break fails
+    small, large = inputs(1, 3, 8, 12), inputs(1, 5, 16, 10)
+    with torch.no_grad():
+        for x, t, text in (small, large, small, large):
+            expected = model(x, t, text).sample
+            torch.testing.assert_close(compiled(x, t, text).sample, expected, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+def test_compiled_training_step_has_one_graph_and_eager_gradients(model):
+    """Backward too: the op's saved-tensor hooks stand aside under compile (they would break the graph)."""
+    torch._dynamo.reset()
+    t3.transform(model, MIXED)
+    model.train()
+    x, t, text = inputs()
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        run(x, t, text).sample.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+    torch._dynamo.reset()

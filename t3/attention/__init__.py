@@ -2,7 +2,7 @@
 
 from t3.attention.backends import BACKENDS, choose_backend, flash_available
 from t3.attention.index import GroupIndex, group_ids, group_index
-from t3.attention.op import t3_attention
+from t3.attention.op import grouped_attention, t3_attention
 from t3.attention.plan import BRANCHES, DENSE_PLAN, Branch, Grid, PlanError, WindowPlan, effective_branches
 from t3.attention.schedule import (
     PRESETS,
@@ -33,6 +33,7 @@ __all__ = [
     "flash_available",
     "get_schedule",
     "group_ids",
+    "grouped_attention",
     "group_index",
     "t3_attention",
     "windows_from_pieces",

@@ -44,6 +44,8 @@ def _flash_functions() -> tuple[Callable, Callable] | None:
     return flash_attn_func, flash_attn_varlen_func
 
 
+# torch.compile evaluates this once while tracing instead of tracing the import (which breaks the graph).
+@torch.compiler.assume_constant_result
 def flash_available() -> bool:
     return _flash_functions() is not None
 
@@ -72,7 +74,7 @@ def choose_backend(backend: str, q: torch.Tensor) -> str:
         if not ok:
             raise RuntimeError(f"attention backend 'flash' cannot run: {why}")
         return "flash"
-    if not ok:
+    if not ok and not torch.compiler.is_compiling():  # torch.compile cannot trace logging calls
         logger.debug("backend auto: sdpa (%s)", why)
     return "flash" if ok else "sdpa"
 
@@ -192,10 +194,13 @@ def _saves_grouped_copies(index: GroupIndex, *tensors: torch.Tensor) -> bool:
 
     Only when autograd records this call, the grouping is a real copy, and no other saved-tensor
     policy (activation checkpointing, CPU offload) is active: an outer policy already decides what is
-    kept, and holding the sources inside a checkpointed block would keep them alive.
+    kept, and holding the sources inside a checkpointed block would keep them alive. Under
+    ``torch.compile`` the compiler's partitioner decides what backward keeps (and saved-tensor hooks
+    would break the graph).
     """
     return (
-        _records_autograd(*tensors)
+        not torch.compiler.is_compiling()
+        and _records_autograd(*tensors)
         and index.gather is not None
         and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     )

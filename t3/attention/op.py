@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from t3.attention.backends import KERNELS, choose_backend, resolve_tokens_per_call
-from t3.attention.index import group_index
+from t3.attention.index import GroupIndex, group_index
 from t3.attention.plan import BRANCHES, Grid, WindowPlan, check_grid, effective_branches
 
 
@@ -75,9 +75,32 @@ def t3_attention(
     if T * H * W != q.shape[1]:
         raise ValueError(f"grid {grid} has {T * H * W} tokens but q has {q.shape[1]}")
     plan.check(grid, layer=layer)
-    q, k, v = autocast_inputs(q, k, v)
     computed = effective_branches(plan, grid, branches, share_identical)
+    index = group_index(grid, plan, computed, q.device)
+    return grouped_attention(
+        q, k, v, index, backend, scale=scale, regroup_in_backward=regroup_in_backward,
+        tokens_per_call=tokens_per_call,
+    )  # fmt: skip
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: GroupIndex,
+    backend: str = "auto",
+    *,
+    scale: float | None = None,
+    regroup_in_backward: bool = True,
+    tokens_per_call: int | None = None,
+) -> torch.Tensor:
+    """`t3_attention` after its checks: attention inside the groups of a prebuilt `GroupIndex`.
+
+    For callers that build each layer's index once, outside the traced code: `t3.swap` does, so
+    that ``torch.compile`` sees fixed index maps instead of tracing their construction. ``q``, ``k``,
+    ``v`` must match ``index.grid`` (not checked here); the other arguments are `t3_attention`'s.
+    """
+    q, k, v = autocast_inputs(q, k, v)
     kernel = KERNELS[choose_backend(backend, q)]
     resolve_tokens_per_call(tokens_per_call, q.device)  # a bad value fails before any work
-    index = group_index(grid, plan, computed, q.device)
     return kernel(q, k, v, index, scale, regroup_in_backward, tokens_per_call)

@@ -22,9 +22,7 @@ parameters; `t3.parallel.loss` gives the loss scale.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from t3.attention import Grid
 from t3.parallel.assignment import DEFAULT_MAX_IMBALANCE, POLICIES
 from t3.parallel.attention import sequence_parallel_attention
 from t3.parallel.comm import ProcessGroup, gather_tokens
@@ -70,14 +69,14 @@ class SequenceParallelAttnProcessor(T3AttnProcessor):
         super().__init__(base.layer, base.schedule, base.state, base.backend, base.tokens_per_call)
         self.sp = sp
 
-    def attention_op(self) -> Callable[..., torch.Tensor]:
-        return functools.partial(
-            sequence_parallel_attention,
-            layout=self.sp.current_layout(),
-            group=self.sp.group,
-            policy=self.sp.policy,
-            max_imbalance=self.sp.max_imbalance,
-        )
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: Grid) -> torch.Tensor:
+        layer_plan = self.schedule.layer_plan(self.layer, grid)
+        return sequence_parallel_attention(
+            query, key, value, grid, layer_plan.plan, layer_plan.branches, self.backend,
+            layout=self.sp.current_layout(), group=self.sp.group,
+            share_identical=self.schedule.share_identical_branches, tokens_per_call=self.tokens_per_call,
+            policy=self.sp.policy, max_imbalance=self.sp.max_imbalance, layer=self.layer,
+        )  # fmt: skip
 
 
 def _replace_arg(args: tuple, kwargs: dict, position: int, name: str, value: Any) -> tuple[tuple, dict]:
