@@ -707,11 +707,13 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
         _check_target_kwargs(cfg, key, require_values=not cfg.dry_run)
 
     latent_shape = spec.latent_shape(frames, height, width)
-    grid = (
-        latent_shape[1] // spec.patch_size[0],
-        latent_shape[2] // spec.patch_size[1],
-        latent_shape[3] // spec.patch_size[2],
-    )
+    try:
+        grid = spec.video_token_grid(frames, height, width)
+    except ValueError as err:  # beyond the model's RoPE table: diffusers would fail mid-forward
+        latent = latent_shape[1:]
+        axis = max(range(3), key=lambda i: latent[i] // spec.patch_size[i])
+        key = ("data.num_frames", "data.height", "data.width")[axis]
+        raise _fail(key, (frames, height, width)[axis], str(err)) from None
     num_layers = int(spec.dit_config["num_layers"])
 
     # The T3 schedule must fit the token grid of this video size on every layer.

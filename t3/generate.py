@@ -38,6 +38,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 import t3
 from t3.attention import Schedule
 from t3.diffusion import build_scheduler, sample
+from t3.memory import check_inference_memory
 from t3.models import (
     ModelSpec,
     PromptEmbeddingCache,
@@ -54,6 +55,7 @@ __all__ = [
     "GenerationResult",
     "T2VGenerator",
     "Timings",
+    "cfg_batch",
     "check_video_size",
     "generate",
     "make_wan_pipeline",
@@ -126,6 +128,11 @@ def check_video_size(height: int, width: int, frames: int, spec_or_preset: Model
         )
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def cfg_batch(guidance_scale: float, videos: int = 1) -> int:
+    """Samples per DiT forward: classifier-free guidance (scale > 1) runs both passes as one batch."""
+    return videos * (2 if guidance_scale > 1.0 else 1)
 
 
 # --- results ----------------------------------------------------------------------------------------------
@@ -330,8 +337,9 @@ class T2VGenerator:
         )
 
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, int, int, int]:
-        """Latent ``(C, T, H, W)`` of one video; checks the size first."""
+        """Latent ``(C, T, H, W)`` of one video; checks the size first (legal, within the RoPE table)."""
         check_video_size(height, width, frames, self.spec)
+        self.spec.video_token_grid(frames, height, width)
         return self.spec.latent_shape(frames, height, width)
 
     def check_schedule(self, height: int, width: int, frames: int) -> None:
@@ -340,6 +348,14 @@ class T2VGenerator:
             return
         grid = token_grid(self.dit, (1, *self.latent_shape(height, width, frames)))
         self.schedule.plans(grid, len(self.dit.blocks))
+
+    def check_memory(self, height: int, width: int, frames: int, batch: int) -> None:
+        """Fail now, in one line, if a DiT forward on ``batch`` samples of this size cannot fit beside
+        what is already loaded (`t3.memory.check_inference_memory`)."""
+        check_inference_memory(
+            self.spec, (height, width, frames), batch=batch, dtype=self.dtype, device=self.device,
+            what="generate", instead="batch_size=1" if batch > 2 else "", weights_loaded=True,
+        )  # fmt: skip
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """Zero-padded prompt embeddings ``[B, text_len, dim]`` on the DiT's device and dtype (cached)."""
@@ -452,8 +468,10 @@ def generate(
         One `GenerationResult` per prompt, in order.
 
     Raises:
-        ValueError: For an invalid size (naming the nearest valid ones), step count, batch size or fps, or a
-            T3 schedule that does not fit the token grid, all before any model work.
+        ValueError: For an invalid size (naming the nearest valid ones) or one beyond the model's RoPE
+            table, step count, batch size or fps, a T3 schedule that does not fit the token grid, or a
+            DiT step that cannot fit in the device's free memory (`t3.memory.DoesNotFitError`), all
+            before any model work.
         OSError: If ``out_dir`` cannot be created or written.
     """
     prompts = _as_prompt_list(prompts)
@@ -466,6 +484,7 @@ def generate(
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     gen.check_schedule(height, width, frames)
+    gen.check_memory(height, width, frames, cfg_batch(guidance_scale, min(batch_size, len(prompts))))
     decode = not latents_only
     if decode and gen.vae is None:
         raise ValueError("generate: this T2VGenerator has no VAE; pass latents_only=True or give it a VAE")

@@ -105,6 +105,7 @@ BAD = [
     (["data.height=72"], "data.height=72", "multiple of 16"),
     (["experiment=t3_720p_wan22", "dry_run=true", "data.height=720"], "data.height=720", "multiple of 32"),
     (["t3=wan21_4k"], "t3='wan21_4k'", "does not fit"),
+    (["data.width=1024"], "data.width=1024", "covers at most 32 positions per axis"),
     (["finetune.trainable=lora", "finetune.lora.rank=0"], "finetune.lora.rank=0", "1 <= rank"),
     (["finetune.trainable=everything"], "finetune.trainable='everything'", "one of"),
     (["batch.global_size=6", "batch.micro_size=4"], "batch.global_size=6", "multiple of"),

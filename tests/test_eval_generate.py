@@ -252,3 +252,22 @@ def test_eval_errors_are_one_line_without_a_traceback(tmp_path, monkeypatch):
     assert [line for line in proc.stderr.splitlines() if "error" in line] == [
         f"eval error: FileNotFoundError: benchmark.prompts='missing.json': no such file (relative to {tmp_path})"
     ]
+
+
+def test_generation_refuses_before_loading_what_cannot_fit(tiny_models, tmp_path, monkeypatch):
+    import t3.eval.generate_stage
+    import t3.memory
+    from t3.memory import DoesNotFitError
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("models were loaded for a run that cannot fit")
+
+    monkeypatch.setattr(t3.eval.generate_stage, "_load_generator", must_not_load)
+    # Beyond the tiny DiT's RoPE table (32 positions per axis): refused by the cheap checks too (dry run).
+    for extra in ((), ("dry_run=true",)):
+        with pytest.raises(ValueError, match="covers at most 32 positions per axis"):
+            run(compose_eval(*tiny_overrides(tiny_models, tmp_path, "generation.width=1024", *extra)))
+    monkeypatch.setattr(t3.memory, "available_memory", lambda device: (1000, "available host memory"))
+    with pytest.raises(DoesNotFitError, match=r"^generation: one DiT forward of tiny at 64x64x5 .* batch 2"):
+        run(compose_eval(*tiny_overrides(tiny_models, tmp_path)))
+    assert not list(tmp_path.glob("*.mp4"))

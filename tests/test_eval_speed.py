@@ -76,3 +76,50 @@ def test_speed_macs_only_counts_4k_without_a_model(tmp_path):
     summary = read_run_summary(tmp_path / "speed")
     assert summary["task"] == "eval/speed" and summary["status"] == "completed"
     assert summary["speed"]["dense/wan21_windows/dit_step_macs"] == pytest.approx(29.8, abs=0.05)
+
+
+def test_speed_stage_refuses_a_size_beyond_the_models_rope_table_before_building(tmp_path, monkeypatch):
+    """`stage=speed model=tiny` at the default 4K size used to crash inside diffusers' RoPE."""
+    import t3.eval.speed_stage
+
+    monkeypatch.setattr(t3.eval.speed_stage, "_build_dit", _must_not_build)
+    with pytest.raises(ValueError) as err:
+        run(compose_eval("stage=speed", "model=tiny", f"out_dir={tmp_path}"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert (
+        "give the token grid (21, 136, 240), but tiny's rotary embedding covers at most 32 positions per axis"
+        in message
+    )
+    assert "height and width at most 512, frames at most 125" in message
+
+
+def test_speed_stage_refuses_what_cannot_fit_in_memory_before_building(tmp_path, monkeypatch):
+    """`stage=speed model=wan2.1-t2v-1.3b t3=wan21_4k` on a CPU used to be OOM-killed without a message."""
+    import t3.eval.speed_stage
+    import t3.memory
+    from t3.memory import GIB, DoesNotFitError
+
+    monkeypatch.setattr(t3.eval.speed_stage, "_build_dit", _must_not_build)
+    monkeypatch.setattr(t3.memory, "available_memory", lambda device: (32 * GIB, "available host memory"))
+    cfg = compose_eval(
+        "stage=speed", "model=wan2.1-t2v-1.3b", "t3=wan21_4k", "model.dit_path=null", f"out_dir={tmp_path}"
+    )
+    with pytest.raises(DoesNotFitError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "stage=speed: one DiT forward of wan2.1-t2v-1.3b at 2176x3840x81 (685,440 tokens"
+    )
+    assert (
+        "5.3 GiB of weights + 108.5 GiB of activations, but the cpu has 32.0 GiB available host memory"
+        in message
+    )
+    assert "run instead: speed.macs_only=true" in message
+    assert "generation.height=480 generation.width=832" in message
+    assert not (tmp_path / "speed").exists()
+
+
+def _must_not_build(*args, **kwargs):
+    raise AssertionError("the speed stage built a model for a run it should have refused")

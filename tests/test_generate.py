@@ -336,3 +336,19 @@ def test_video_io_errors_name_the_file(tmp_path):
         read_video(garbage)
     with pytest.raises(VideoIOError, match="garbage.mp4"):
         video_info(garbage)
+
+
+def test_generate_refuses_beyond_the_rope_table_and_the_free_memory(model_dir, text_encoder, monkeypatch):
+    import t3.memory
+    from t3.memory import DoesNotFitError
+
+    gen = make_generator(model_dir, text_encoder)
+    with pytest.raises(
+        ValueError, match="covers at most 32 positions per axis .* height and width at most 512"
+    ):
+        generate(PROMPTS, generator=gen, height=64, width=1024, frames=5, **FAST)
+    monkeypatch.setattr(t3.memory, "available_memory", lambda device: (1000, "available host memory"))
+    with pytest.raises(
+        DoesNotFitError, match=r"^generate: .* batch 4, float32\) needs at least 0.0 GiB of act"
+    ):
+        generate(PROMPTS, generator=gen, batch_size=2, **SIZE, **FAST)

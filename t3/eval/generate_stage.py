@@ -36,8 +36,16 @@ from t3.config import check_field_types
 from t3.diffusion import SCHEDULER_NAMES
 from t3.eval.metrics.base import sha256_file
 from t3.eval.prompts import PromptEntry, shard_range
-from t3.generate import WAN_NEGATIVE_PROMPT, T2VGenerator, check_video_size, generate, video_file_name
+from t3.generate import (
+    WAN_NEGATIVE_PROMPT,
+    T2VGenerator,
+    cfg_batch,
+    check_video_size,
+    generate,
+    video_file_name,
+)
 from t3.io import write_json_atomic, write_text_atomic
+from t3.memory import check_inference_memory
 from t3.models import get_spec, load_dit, load_text_encoder, load_vae
 from t3.profiling import device_name
 from t3.video_io import VideoIOError, video_info, write_video
@@ -47,6 +55,7 @@ __all__ = [
     "GenerationSummary",
     "ModelPaths",
     "VideoJob",
+    "check_memory",
     "check_settings",
     "checkpoint_sha256",
     "completed_record",
@@ -377,9 +386,18 @@ def check_settings(settings: GenerationSettings, model: ModelPaths, schedule: Sc
     """Size and schedule checks from the config alone (no weights), with one-line errors."""
     spec = get_spec(model.preset)
     check_video_size(settings.height, settings.width, settings.frames, spec)
-    latent = spec.latent_shape(settings.frames, settings.height, settings.width)
-    grid = tuple(n // p for n, p in zip(latent[1:], spec.patch_size, strict=True))
+    grid = spec.video_token_grid(settings.frames, settings.height, settings.width)  # within the RoPE table
     schedule.plans(grid, int(spec.dit_config["num_layers"]))
+
+
+def check_memory(settings: GenerationSettings, model: ModelPaths) -> None:
+    """Refuse, before loading anything, a video whose DiT step cannot fit on the device (one line)."""
+    device = resolve_device(settings.device)
+    check_inference_memory(
+        get_spec(model.preset), (settings.height, settings.width, settings.frames),
+        batch=cfg_batch(settings.guidance_scale), dtype=resolve_dtype(settings.dtype, device), device=device,
+        what="generation", size_keys=("generation.height", "generation.width"),
+    )  # fmt: skip
 
 
 def run_generation(
@@ -437,6 +455,7 @@ def run_generation(
     if not todo:
         return summary
 
+    check_memory(settings, model)
     generator = _load_generator(settings, model, schedule)
     device = generator.device
     for job, expected in todo:

@@ -16,6 +16,10 @@ For each schedule (``dense`` and the run's T3 schedule) it reports
   CFG, run as one batched forward of 2 per step), so a latency compares with another only at the same count
   (the paper's protocol: 50 steps x 2 = 100).
 
+Before any model is built, the size is checked against the model's RoPE table and the DiT step's
+memory (`t3.memory.check_inference_memory`) against the device: a 4K step of Wan2.1 needs over 100 GiB
+in float32, so on a CPU the stage refuses and points at ``speed.macs_only=true`` or a smaller size.
+
 Warm-up calls are excluded (``speed.warmup``), times are the median of ``speed.repeats`` calls. Every
 figure is stored with the device name, dtype, attention backend and torch version. Absolute times mean
 something only on the named device; dense vs T3 comparisons are ratios of figures from the same run.
@@ -52,6 +56,7 @@ from t3.eval.generate_stage import (
     write_json_atomic,
     write_text_atomic,
 )
+from t3.memory import check_inference_memory
 from t3.models import ModelSpec, get_spec
 from t3.profiling import device_name, peak_memory_bytes, time_call
 
@@ -106,8 +111,7 @@ class SpeedSettings:
 
 
 def _grid(spec: ModelSpec, settings: GenerationSettings) -> tuple[int, int, int]:
-    latent = spec.latent_shape(settings.frames, settings.height, settings.width)
-    return tuple(n // p for n, p in zip(latent[1:], spec.patch_size, strict=True))  # type: ignore[return-value]
+    return spec.video_token_grid(settings.frames, settings.height, settings.width)
 
 
 def count_macs(spec: ModelSpec, schedule: Schedule, settings: GenerationSettings) -> dict[str, int]:
@@ -230,6 +234,11 @@ def measure_speed(
     if speed.macs_only:
         setup["measured"] = "MACs only (no model built)"
         return {"setup": setup, "results": rows, "ratios": _ratios(rows)}
+    check_inference_memory(
+        spec, (generation.height, generation.width, generation.frames), batch=CFG_BATCH, dtype=dtype,
+        device=device, what="stage=speed", instead="speed.macs_only=true (MAC counts at this size, no model)",
+        size_keys=("generation.height", "generation.width"),
+    )  # fmt: skip
 
     probe = torch.empty(1, 1, heads, head_dim, device=device, dtype=dtype)
     setup.update(

@@ -176,6 +176,23 @@ class ModelSpec:
             )
         return grid  # type: ignore[return-value]
 
+    def video_token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """`token_grid` of a ``num_frames x height x width`` video.
+
+        Raises:
+            ValueError: If the size is not legal for this model, or its grid exceeds the rotary embedding;
+                the message then gives the largest size the model takes.
+        """
+        latent = self.latent_shape(num_frames, height, width)
+        try:
+            return self.token_grid(latent)
+        except ValueError as err:
+            frames_max = (self.max_grid_axis * self.patch_size[0] - 1) * self.vae_stride[0] + 1
+            raise ValueError(
+                f"{self.name}: {height}x{width}x{num_frames}: {err}; accepted: height and width at most "
+                f"{self.max_grid_axis * self.pixel_multiple}, frames at most {frames_max}"
+            ) from None
+
 
 #: One :class:`ModelSpec` per preset.
 MODEL_SPECS: dict[str, ModelSpec] = {

@@ -1,0 +1,213 @@
+"""Memory estimates from shapes alone, and the memory of the device they are checked against.
+
+The one owner of "how much memory does this need", so that a run too large for its machine stops
+before anything is built, with one line saying what to run instead, instead of being OOM-killed
+minutes later without a message:
+
+* `inference_memory`: one DiT forward without autograd (a sampler step, ``stage=speed``'s DiT step);
+  checked by generation and the speed stage (`check_inference_memory`);
+* `available_memory`: what a device has free: CUDA's free memory, or on a CPU the host's available
+  memory within the job's cgroup limit (a SLURM allocation).
+
+The estimates count what is alive at the worst moment of the computation from the tensor shapes of
+the diffusers ``WanTransformer3DModel``; allocator fragmentation and kernel workspaces come on top.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t3.models.presets import ModelSpec, get_spec
+
+__all__ = [
+    "GIB",
+    "DoesNotFitError",
+    "InferenceMemory",
+    "available_memory",
+    "check_inference_memory",
+    "dit_parameter_count",
+    "inference_memory",
+]
+
+GIB = 2**30
+
+#: Sizes suggested when a request does not fit, largest first (the Wan family's usual sizes).
+#: A suggestion must fit with this share of the free memory to spare: the estimates are lower bounds.
+SUGGESTION_HEADROOM = 0.5
+SMALLER_SIZES: tuple[tuple[int, int], ...] = (
+    (1088, 1920),
+    (720, 1280),
+    (704, 1280),
+    (480, 832),
+    (256, 448),
+    (128, 224),
+    (64, 64),
+)
+
+
+class DoesNotFitError(ValueError):
+    """A run that cannot fit in its device's memory; the message is one line saying what to run instead."""
+
+
+@functools.cache
+def dit_parameter_count(preset: str) -> int:
+    """Parameters of the DiT of ``preset``, counted on the meta device (nothing is allocated)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**get_spec(preset).dit_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class InferenceMemory:
+    """Bytes one DiT forward without autograd needs at least: weights and activations."""
+
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def inference_memory(
+    spec: ModelSpec, grid: Sequence[int], *, batch: int, dtype: torch.dtype
+) -> InferenceMemory:
+    """A lower bound of the memory of one DiT forward without autograd.
+
+    At the feed-forward of any block, four tensors are alive at once: the residual stream and the
+    normalised FFN input ``[B, L, d]``, and the FFN hidden layer before and after GELU ``[B, L, F]``,
+    all in the compute dtype; with them the RoPE tables that diffusers keeps for the whole forward
+    (cosine and sine, ``[L, head_dim]`` in float64). Weights: every DiT parameter in the compute dtype.
+
+    Args:
+        spec: The model.
+        grid: Post-patch token grid ``(T, H, W)``.
+        batch: Samples per forward (2 with batched classifier-free guidance).
+        dtype: Compute dtype.
+    """
+    config = spec.dit_config
+    tokens = math.prod(grid)
+    hidden = batch * tokens * 2 * (int(config["ffn_dim"]) + spec.dim) * dtype.itemsize
+    rope = 2 * tokens * int(config["attention_head_dim"]) * torch.float64.itemsize
+    return InferenceMemory(weights=dit_parameter_count(spec.name) * dtype.itemsize, activations=hidden + rope)
+
+
+def _cgroup_free_bytes() -> int | None:
+    """Memory left under this process's cgroup v2 limit (what a SLURM job may use), or None."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _host_available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages: an underestimate
+
+
+def available_memory(device: torch.device | str) -> tuple[int, str]:
+    """Bytes free on ``device`` now, and where that figure comes from (for messages).
+
+    CUDA: the driver's free memory on that GPU. CPU: the host's available memory (``MemAvailable``),
+    or less when the process's cgroup (a SLURM job) has a lower limit.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {torch.cuda.get_device_name(device)}"
+    free, where = _host_available_bytes(), "available host memory"
+    cgroup = _cgroup_free_bytes()
+    if cgroup is not None and cgroup < free:
+        free, where = cgroup, "left under this job's memory limit (cgroup)"
+    return max(int(free), 0), where
+
+
+def _fits(spec: ModelSpec, frames: int, height: int, width: int, *, batch: int, dtype: torch.dtype,
+          budget: float, weights_loaded: bool) -> bool:  # fmt: skip
+    try:
+        grid = spec.video_token_grid(frames, height, width)
+    except ValueError:
+        return False
+    need = inference_memory(spec, grid, batch=batch, dtype=dtype)
+    return (need.activations if weights_loaded else need.total) <= budget
+
+
+def check_inference_memory(
+    spec: ModelSpec,
+    size: tuple[int, int, int],
+    *,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    what: str,
+    instead: str = "",
+    size_keys: tuple[str, str] = ("height", "width"),
+    weights_loaded: bool = False,
+) -> InferenceMemory:
+    """Refuse, before anything is built, a DiT forward that cannot fit on ``device``.
+
+    Args:
+        spec: The model.
+        size: ``(height, width, frames)`` of the video.
+        batch: Samples per DiT forward (2 with batched classifier-free guidance).
+        dtype: Compute dtype.
+        device: Where the forward will run.
+        what: What is refused, for the message (``"stage=speed"``, ``"generation"``).
+        instead: The first thing the message suggests instead, e.g. ``"speed.macs_only=true (MAC counts
+            without a model)"``; a smaller size that fits with room to spare follows.
+        size_keys: How the caller spells height and width (``generation.height``...).
+        weights_loaded: The DiT is already on the device: count only its activations against the free
+            memory.
+
+    Returns:
+        The estimate, when it fits.
+
+    Raises:
+        ValueError: The size is not legal for the model or beyond its RoPE table.
+        DoesNotFitError: One line with the estimate, the free memory and what to run instead.
+    """
+    height, width, frames = size
+    grid = spec.video_token_grid(frames, height, width)
+    need = inference_memory(spec, grid, batch=batch, dtype=dtype)
+    free, where = available_memory(device)
+    if (need.activations if weights_loaded else need.total) <= free:
+        return need
+    smaller = next(
+        (
+            (h, w)
+            for h, w in SMALLER_SIZES
+            if h * w < height * width
+            and _fits(spec, frames, h, w, batch=batch, dtype=dtype, budget=SUGGESTION_HEADROOM * free,
+                      weights_loaded=weights_loaded)
+        ),
+        None,
+    )  # fmt: skip
+    options = [instead] if instead else []
+    if smaller is not None:
+        options.append(f"a smaller size, e.g. {size_keys[0]}={smaller[0]} {size_keys[1]}={smaller[1]}")
+    else:
+        options.append("a machine with more memory")
+    weights = "" if weights_loaded else f"{need.weights / GIB:.1f} GiB of weights + "
+    raise DoesNotFitError(
+        f"{what}: one DiT forward of {spec.name} at {height}x{width}x{frames} ({math.prod(grid):,} tokens, "
+        f"batch {batch}, {str(dtype).removeprefix('torch.')}) needs at least {weights}"
+        f"{need.activations / GIB:.1f} GiB of activations, but the {torch.device(device).type} has "
+        f"{free / GIB:.1f} GiB {where}; run instead: " + ", or ".join(options)
+    )
