@@ -187,8 +187,11 @@ def test_bad_config_values_fail_before_any_model_is_loaded(tmp_path):
             f"out_dir={tmp_path}", "generation.height=64", "generation.width=64", "generation.frames=5"]  # fmt: skip
     with pytest.raises(ValueError, match=r"frames 6 is not of the form 4k\+1"):
         run(compose_eval(*base, "generation.frames=6"))
-    with pytest.raises(ValueError, match=r"ckpt / model.dit_path is required"):
-        run(compose_eval(*base, "model.dit_path=null"))
+    wan = [o for o in base if o != "model=tiny"]
+    with pytest.raises(
+        ValueError, match=r"ckpt / model.dit_path is required .* only model=tiny builds random"
+    ):
+        run(compose_eval(*wan, "model=wan2.1-t2v-1.3b", "model.dit_path=null"))
     with pytest.raises(FileNotFoundError, match=r"model.vae_path='/nonexistent': no such file"):
         run(compose_eval(*base, f"model.dit_path={tmp_path}", "model.vae_path=/nonexistent",
                          f"model.text_encoder_path={tmp_path}"))  # fmt: skip
@@ -233,7 +236,7 @@ def test_eval_errors_are_one_line_without_a_traceback(tmp_path, monkeypatch):
             "generation.frames=5"]  # fmt: skip
     cases = [
         (["benchmark.prompts=missing.json"], "FileNotFoundError: benchmark.prompts='missing.json': no such file"),
-        (["model.dit_path=null"], "ValueError: ckpt / model.dit_path is required"),
+        (["model.preset=wan2.1-t2v-1.3b", "model.dit_path=null"], "ValueError: ckpt / model.dit_path is required"),
         ([f"model.dit_path={tmp_path}", "model.vae_path=/nonexistent", f"model.text_encoder_path={tmp_path}"],
          "model.vae_path='/nonexistent': no such file"),
         (["stage=speed", "speed.out_dir=${oc.env:T3_NOT_SET}"], "T3_NOT_SET"),
@@ -271,3 +274,22 @@ def test_generation_refuses_before_loading_what_cannot_fit(tiny_models, tmp_path
     with pytest.raises(DoesNotFitError, match=r"^generation: one DiT forward of tiny at 64x64x5 .* batch 2"):
         run(compose_eval(*tiny_overrides(tiny_models, tmp_path)))
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_eval_cli_generates_with_the_tiny_random_model_and_nothing_on_disk(tmp_path):
+    """`model=tiny` with its null paths: the tiny random DiT, VAE and text encoder, built in memory, seeded."""
+    cmd = [
+        sys.executable, "eval.py", "model=tiny", "benchmark=tiny", "benchmark.limit=2",
+        "generation.height=64", "generation.width=64",
+        "generation.frames=5", "generation.steps=2", "generation.device=cpu", f"out_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [f"video_{i:05d}_seed0" for i in range(2)]
+    assert output_files(tmp_path / "out") == sorted(
+        [f"{n}.mp4" for n in names] + [f"{n}.json" for n in names]
+    )
+    record = json.loads((tmp_path / "out" / f"{names[0]}.json").read_text())
+    assert record["checkpoint"] == record["checkpoint_sha256"] == "tiny random DiT (seed 0)"
+    assert video_info(tmp_path / "out" / f"{names[0]}.mp4").frames == 5

@@ -177,17 +177,27 @@ class GenerationSettings:
 class ModelPaths:
     """Where the parts of the model are (the ``model`` config node plus ``ckpt``).
 
+    For the ``tiny`` preset a null path means the tiny random part (`t3.models.tiny`), built in memory
+    from ``seed``: a CPU end-to-end run with nothing on disk. Every other preset needs all three paths.
+
     Attributes:
         preset: Model preset (`t3.models.preset_names`).
         dit_path: DiT checkpoint in any format `t3.models.load_dit` reads (``ckpt`` overrides the model's).
         vae_path: Wan VAE folder.
         text_encoder_path: umT5 folder.
+        seed: Seed of the tiny random parts (``model.seed``).
     """
 
     preset: str
     dit_path: str | None
     vae_path: str | None
     text_encoder_path: str | None
+    seed: int = 0
+
+    @property
+    def random_parts(self) -> bool:
+        """Whether null paths stand for the tiny random parts."""
+        return self.preset == "tiny"
 
     def check(self) -> None:
         """One-line error naming the key of the first missing path."""
@@ -197,9 +207,43 @@ class ModelPaths:
             ("model.text_encoder_path", self.text_encoder_path),
         ):
             if value is None:
-                raise ValueError(f"{key} is required for generation (a local path), got null")
+                if self.random_parts:
+                    continue
+                raise ValueError(
+                    f"{key} is required for generation (a local path), got null; only model=tiny builds "
+                    "random parts in memory"
+                )
             if not Path(value).exists():
                 raise FileNotFoundError(f"{key}={value!r}: no such file or folder")
+
+    @property
+    def dit_source(self) -> str:
+        """The DiT's path, or what stands in for it."""
+        return str(self.dit_path) if self.dit_path is not None else f"tiny random DiT (seed {self.seed})"
+
+    def load_dit(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The DiT in ``dtype`` on the CPU (the tiny random one for a null path)."""
+        if self.dit_path is None:
+            from t3.models.tiny import tiny_dit
+
+            return tiny_dit(self.seed)
+        return load_dit(self.dit_path, preset=self.preset, dtype=dtype, transform=False)
+
+    def load_vae(self) -> torch.nn.Module:
+        """The VAE in float32 on the CPU (the tiny random one for a null path)."""
+        if self.vae_path is None:
+            from t3.models.tiny import tiny_vae
+
+            return tiny_vae(self.seed)
+        return load_vae(self.vae_path, dtype=torch.float32)
+
+    def load_text_encoder(self, dtype: torch.dtype) -> Any:
+        """The text encoder in ``dtype`` on the CPU (the tiny random one for a null path)."""
+        if self.text_encoder_path is None:
+            from t3.models.tiny import tiny_text_encoder
+
+            return tiny_text_encoder(self.seed).to(dtype=dtype)
+        return load_text_encoder(self.text_encoder_path, dtype=dtype)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -435,8 +479,10 @@ def run_generation(
     out.mkdir(parents=True, exist_ok=True)
     jobs = shard_jobs(entries, settings.seeds, out, shard_index, num_shards)
     summary = GenerationSummary(shard_index, num_shards, len(jobs))
-    assert model.dit_path is not None  # checked above
-    ckpt_sha = checkpoint_sha256(model.dit_path, hash_cache)
+    # The tiny random DiT is identified by its seed: the same seed builds the same weights.
+    ckpt_sha = (
+        checkpoint_sha256(model.dit_path, hash_cache) if model.dit_path is not None else model.dit_source
+    )
 
     todo = []
     for job in jobs:
@@ -484,7 +530,7 @@ def run_generation(
             "video": job.mp4.name,
             "fps": settings.fps,  # the rate the mp4 is labelled with (the authors': 30)
             "content_fps": get_spec(model.preset).frame_rate,  # the rate of the motion: what FVD samples at
-            "checkpoint": str(model.dit_path),
+            "checkpoint": model.dit_source,
             "schedule_description": schedule.description,
             "dtype": str(generator.dtype).removeprefix("torch."),
             "device": device_name(device),
@@ -506,14 +552,10 @@ def _load_generator(settings: GenerationSettings, model: ModelPaths, schedule: S
     """Load the DiT (in the compute dtype), the VAE (float32) and the text encoder onto the device."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    assert model.dit_path and model.vae_path and model.text_encoder_path  # ModelPaths.check
-    dit = load_dit(model.dit_path, preset=model.preset, dtype=dtype, transform=False)
-    vae = load_vae(model.vae_path, dtype=torch.float32)
-    text_encoder = load_text_encoder(model.text_encoder_path, dtype=dtype).to(device)
     return T2VGenerator(
-        dit,
-        vae,
-        text_encoder,
+        model.load_dit(dtype),
+        model.load_vae(),
+        model.load_text_encoder(dtype).to(device),
         spec=model.preset,
         schedule=schedule,
         backend=settings.backend,

@@ -125,6 +125,7 @@ def _model(cfg: DictConfig) -> ModelPaths:
         dit_path=_dit_path(cfg),
         vae_path=OmegaConf.select(cfg, "model.vae_path"),
         text_encoder_path=OmegaConf.select(cfg, "model.text_encoder_path"),
+        seed=OmegaConf.select(cfg, "model.seed", default=0),
     )
 
 

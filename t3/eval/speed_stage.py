@@ -88,7 +88,8 @@ class SpeedSettings:
         macs_only: Count MACs only (no model is built; any size runs on a CPU).
         attention: Time the attention op alone for the attention share.
         memory: Measure the peak memory of one DiT step.
-        e2e: Measure end to end (needs ``model.vae_path`` and ``model.text_encoder_path``).
+        e2e: Measure end to end (needs ``model.vae_path`` and ``model.text_encoder_path``; the tiny
+            preset's null paths build its random parts).
         e2e_steps: Sampler steps of the end-to-end run; None = ``generation.steps``.
     """
 
@@ -177,8 +178,6 @@ def attention_seconds(
 
 
 def _build_dit(model: ModelPaths, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
-    from t3.models import load_dit
-
     if model.dit_path is None:
         from diffusers import WanTransformer3DModel
 
@@ -188,7 +187,7 @@ def _build_dit(model: ModelPaths, dtype: torch.dtype) -> tuple[torch.nn.Module, 
             "speed: %s DiT with random weights (timings do not depend on weight values)", model.preset
         )
         return WanTransformer3DModel(**dit_config(model.preset)).eval(), "random init"
-    return load_dit(model.dit_path, preset=model.preset, dtype=dtype, transform=False), str(model.dit_path)
+    return model.load_dit(dtype), str(model.dit_path)
 
 
 def measure_speed(
@@ -253,13 +252,11 @@ def measure_speed(
     vae = text_encoder = None
     e2e_reason = None
     if speed.e2e:
-        if model.vae_path is None or model.text_encoder_path is None:
+        if (model.vae_path is None or model.text_encoder_path is None) and not model.random_parts:
             e2e_reason = "skipped: needs model.vae_path and model.text_encoder_path"
         else:
-            from t3.models import load_text_encoder, load_vae
-
-            vae = load_vae(model.vae_path, dtype=torch.float32)
-            text_encoder = load_text_encoder(model.text_encoder_path, dtype=dtype).to(device)
+            vae = model.load_vae()
+            text_encoder = model.load_text_encoder(dtype).to(device)
     else:
         e2e_reason = "disabled (speed.e2e=false)"
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from t3.io import give_umask_mode
 from t3.models.presets import dit_config
+
+if TYPE_CHECKING:
+    from t3.models.text_encoder import TextEncoder
 
 __all__ = [
     "TINY_DIT_CONFIG",
@@ -29,6 +32,7 @@ __all__ = [
     "save_tiny_text_encoder",
     "save_tiny_vae",
     "tiny_dit",
+    "tiny_text_encoder",
     "tiny_vae",
 ]
 
@@ -97,6 +101,31 @@ def _tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def _tiny_umt5(tokenizer, seed: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **TINY_TEXT_ENCODER_CONFIG,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UMT5EncoderModel(config).eval()
+
+
+def tiny_text_encoder(seed: int = 0) -> TextEncoder:
+    """A randomly initialised tiny umT5 encoder and its tokenizer, built in memory (nothing is written)."""
+    from t3.models.text_encoder import TextEncoder
+
+    tokenizer = _tiny_tokenizer()
+    return TextEncoder(
+        _tiny_umt5(tokenizer, seed), tokenizer, source=f"tiny random text encoder (seed {seed})"
+    )
+
+
 def save_tiny_text_encoder(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny umT5 encoder and its tokenizer into folder ``path``.
 
@@ -107,22 +136,10 @@ def save_tiny_text_encoder(path: str | Path, seed: int = 0) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    from transformers import UMT5Config, UMT5EncoderModel
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _tiny_tokenizer()
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        **TINY_TEXT_ENCODER_CONFIG,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config).eval()
-    model.save_pretrained(path)
+    _tiny_umt5(tokenizer, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return give_umask_mode(path)
 
