@@ -422,6 +422,8 @@ class TrainConfig:
         dry_run_tflops: Sustained dense bf16 TFLOP/s per GPU assumed by the dry run's throughput estimate.
         dry_run_num_gpus: GPU count for the dry run's memory and throughput estimate (None: from
             ``trainer.devices * trainer.num_nodes``, 8 when that is ``auto``).
+        dry_run_gpu_memory_gib: Memory of one GPU that the dry run's estimate is checked against
+            (80: an 80 GB A100/H100).
         tags: Free-form tags for the logger.
         max_consecutive_bad_steps: Stop (with an error) after this many micro-batches in a row with a
             non-finite loss; isolated ones are skipped and counted in ``train/num_skipped_nonfinite``.
@@ -435,6 +437,7 @@ class TrainConfig:
     dry_run: bool = False
     dry_run_tflops: float = 400.0
     dry_run_num_gpus: int | None = None
+    dry_run_gpu_memory_gib: float = 80.0
     tags: list[str] = field(default_factory=list)
     max_consecutive_bad_steps: int = 5
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -862,6 +865,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
 
 
 def _dry_run_world_size(cfg: DictConfig) -> int:
+    _check_range(cfg, "dry_run_gpu_memory_gib", low=0, low_open=True)
     if cfg.dry_run_num_gpus is not None:
         _check_range(cfg, "dry_run_num_gpus", low=1)
         return int(cfg.dry_run_num_gpus)

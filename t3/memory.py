@@ -6,11 +6,36 @@ minutes later without a message:
 
 * `inference_memory`: one DiT forward without autograd (a sampler step, ``stage=speed``'s DiT step);
   checked by generation and the speed stage (`check_inference_memory`);
+* `state_memory`, `activation_memory` (`MemoryEstimate`): model state and activations per GPU of a
+  training step; the dry run (`t3.training.plan`) reports them against a GPU size, with the fewest
+  GPUs that fit and the host memory that offloading needs;
 * `available_memory`: what a device has free: CUDA's free memory, or on a CPU the host's available
   memory within the job's cgroup limit (a SLURM allocation).
 
 The estimates count what is alive at the worst moment of the computation from the tensor shapes of
 the diffusers ``WanTransformer3DModel``; allocator fragmentation and kernel workspaces come on top.
+
+Training formulas (bytes per parameter; ``N`` = GPUs; ``P`` all DiT parameters, ``T`` trainable ones):
+
+* DeepSpeed, bf16 (mixed precision as in the ZeRO paper): bf16 weights ``2P``, bf16 gradients ``2T``, fp32
+  master weights + Adam moments ``12T``. ZeRO-1 partitions the ``12T``, ZeRO-2 also the ``2T``, ZeRO-3
+  everything; ``offload_optimizer`` moves the ``12T`` to CPU memory, ``offload_parameters`` the ``2P``.
+  In fp32 (CPU runs): ``4P + 4T + 8T`` (no master copy), partitioned the same way.
+* DDP / one device (fp32 weights under bf16 autocast): ``4P + 4T + 8T``, nothing partitioned.
+* FSDP2 (fp32 shards, bf16 compute): ``(4P + 4T + 8T) / N``.
+
+Activations (bytes; ``L`` tokens per sample, ``d`` hidden size, ``F`` FFN size, ``n`` blocks, ``b`` 2 for
+bf16 else 4, ``B`` micro-batch, ``k`` T3 branches computed, at most 2):
+
+* what one Wan block saves for backward, per token: ``(18 + 4k) d + 2F`` values (norm inputs and
+  modulated outputs, q/k/v before and after RMSNorm and RoPE, the T3 gathered q/k/v/output per branch,
+  attention and cross-attention outputs, FFN hidden before and after GELU, residual gates);
+* with checkpointing: the ``n`` block inputs ``n L d b`` plus one block recomputed in backward
+  ``L ((18 + 4k) d + 2F) b``; without: ``n`` blocks; ``offload_activations`` moves the block inputs to
+  (pinned) CPU memory. Times ``B``.
+* Activations are per sample, so more GPUs do not shrink them: only a sequence-parallel degree
+  ``S`` (each sample's tokens split over ``S`` GPUs) would, to ``L / S`` tokens per GPU. t3 has no
+  sequence parallelism yet (``S = 1``).
 """
 
 from __future__ import annotations
@@ -21,19 +46,26 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from t3.models.presets import ModelSpec, get_spec
 
+if TYPE_CHECKING:
+    from t3.config import StrategyConfig
+
 __all__ = [
     "GIB",
     "DoesNotFitError",
     "InferenceMemory",
+    "MemoryEstimate",
+    "activation_memory",
     "available_memory",
     "check_inference_memory",
     "dit_parameter_count",
     "inference_memory",
+    "state_memory",
 ]
 
 GIB = 2**30
@@ -211,3 +243,106 @@ def check_inference_memory(
         f"{need.activations / GIB:.1f} GiB of activations, but the {torch.device(device).type} has "
         f"{free / GIB:.1f} GiB {where}; run instead: " + ", or ".join(options)
     )
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU (and per process on the CPU side) for model state and activations."""
+
+    params: float
+    grads: float
+    optimizer: float
+    cpu_offloaded: float
+    activations: float
+    activations_cpu: float
+
+    @property
+    def state(self) -> float:
+        """Parameters, gradients and optimizer state on the GPU."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def gpu_total(self) -> float:
+        return self.state + self.activations
+
+    @property
+    def host_total(self) -> float:
+        """CPU memory per GPU process: offloaded model state and offloaded activations (pinned)."""
+        return self.cpu_offloaded + self.activations_cpu
+
+
+def state_memory(
+    *,
+    num_params: int,
+    num_trainable: int,
+    strategy: StrategyConfig,
+    world_size: int,
+    bf16: bool,
+) -> tuple[float, float, float, float]:
+    """Parameter, gradient and optimizer bytes per GPU, and bytes offloaded to CPU (see module docstring).
+
+    Args:
+        num_params: All DiT parameters ``P`` (LoRA adapters included).
+        num_trainable: Trainable parameters ``T``.
+        strategy: The strategy config (name, ZeRO stage, offload flags).
+        world_size: GPUs ``N``.
+        bf16: bf16 mixed precision (else fp32).
+
+    Returns:
+        ``(params, grads, optimizer, cpu_offloaded)`` in bytes.
+    """
+    n, p, t = world_size, num_params, num_trainable
+    if strategy.name == "deepspeed":
+        w, g, o = (2 * p, 2 * t, 12 * t) if bf16 else (4 * p, 4 * t, 8 * t)
+        stage = strategy.zero_stage
+        o /= n
+        if stage >= 2:
+            g /= n
+        if stage >= 3:
+            w /= n
+        cpu = 0.0
+        if strategy.offload_optimizer:
+            cpu += o
+            o = 0.0
+        if strategy.offload_parameters:
+            cpu += w
+            w = 0.0
+        return w, g, o, cpu
+    w, g, o = 4 * p, 4 * t, 8 * t
+    if strategy.name == "fsdp2":
+        w, g, o = w / n, g / n, o / n
+    return float(w), float(g), float(o), 0.0
+
+
+def activation_memory(
+    *,
+    tokens: int,
+    dim: int,
+    ffn_dim: int,
+    num_layers: int,
+    micro_batch: int,
+    bytes_per_value: int,
+    branches: int,
+    checkpointing: bool,
+    offload: bool,
+    sequence_parallel: int = 1,
+) -> tuple[float, float]:
+    """Activation bytes on the GPU and in CPU memory for one micro-batch (see module docstring).
+
+    Args:
+        tokens: Video tokens per sample ``L``.
+        sequence_parallel: GPUs that split each sample's tokens (``S``): each holds ``L / S`` of them.
+            Every term below is per token, so the split divides all of them. 1 (no split) is all t3
+            has today; the parameter is where a sequence-parallel strategy plugs in.
+    """
+    local_tokens = math.ceil(tokens / sequence_parallel)
+    per_block = local_tokens * ((18 + 4 * branches) * dim + 2 * ffn_dim) * bytes_per_value
+    inputs = num_layers * local_tokens * dim * bytes_per_value
+    if not checkpointing:
+        return float(micro_batch * num_layers * per_block), 0.0
+    if offload:
+        return float(micro_batch * per_block), float(micro_batch * inputs)
+    return float(micro_batch * (inputs + per_block)), 0.0

@@ -351,3 +351,95 @@ def test_shards_of_another_size_than_configured_are_refused(tmp_path):
             "data.train.sizes=[[17,32,32],[17,64,64]]",
         )
     )
+
+
+def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
+    from t3.config import StrategyConfig
+    from t3.memory import GIB, state_memory
+    from t3.training import train
+    from t3.training.plan import format_plan
+
+    cfg = compose_train("experiment=t3_4k", "dry_run=true", "dry_run_num_gpus=8")
+    metrics, objects = train(cfg)
+    plan = objects["plan"]
+    m = plan.memory
+    assert metrics["dry_run/fits"] == 1.0
+    assert metrics["dry_run/gpu_margin_gib"] == pytest.approx(80 - m.gpu_total / GIB)
+    # ZeRO-3 shards the state over the GPUs; activations stay: the fewest GPUs whose total fits 80 GiB.
+    zero3 = StrategyConfig(name="deepspeed", zero_stage=3)
+
+    def total(n: int) -> float:
+        state = state_memory(
+            num_params=plan.num_params,
+            num_trainable=plan.num_trainable,
+            strategy=zero3,
+            world_size=n,
+            bf16=True,
+        )
+        return sum(state) + m.activations
+
+    fewest = next(n for n in (1, 2, 4, 8, 16, 32, 64) if total(n) <= 80 * GIB)
+    assert metrics["dry_run/fewest_gpus"] == fewest
+    # Activation offload pins the block inputs of every GPU of a node in host memory.
+    assert m.activations_cpu > 0
+    assert metrics["dry_run/pinned_host_gib_per_node"] == pytest.approx(8 * m.activations_cpu / GIB)
+    text = format_plan(cfg, plan)
+    assert (
+        f"verdict: fits in 80 GiB per GPU (dry_run_gpu_memory_gib) with {80 - m.gpu_total / GIB:.2f} GiB"
+        in text
+    )
+    assert f"fewest GPUs that fit: {fewest} " in text
+    assert (
+        f"host memory per node (8 GPUs): {8 * m.activations_cpu / GIB:.2f} GiB pinned for activation offload"
+        in text
+    )
+    assert "do not shrink with more GPUs" in text
+
+    small = compose_train("experiment=t3_4k", "dry_run=true", "dry_run_gpu_memory_gib=40")
+    metrics, objects = train(small)
+    text = format_plan(small, objects["plan"])
+    assert metrics["dry_run/fits"] == 0.0 and math.isnan(metrics["dry_run/fewest_gpus"])
+    assert (
+        f"does NOT fit in 40 GiB per GPU (dry_run_gpu_memory_gib): {m.gpu_total / GIB - 40:.2f} GiB over"
+        in text
+    )
+    assert "no GPU count fits: activations alone are" in text
+
+
+def test_dry_run_counts_the_cheaper_backward_of_frozen_weights():
+    """LoRA and attention-only runs skip the weight gradients of frozen layers: fewer FLOPs per step."""
+    from t3.training import train
+    from t3.training.plan import training_macs_per_sample
+
+    speeds = {}
+    for trainable in ("all", "attention", "lora"):
+        cfg = compose_train("experiment=t3_4k_lora", "dry_run=true", f"finetune.trainable={trainable}")
+        metrics, objects = train(cfg)
+        speeds[trainable] = metrics["dry_run/tokens_per_s_t3"]
+        plan = objects["plan"]
+    assert speeds["all"] < speeds["attention"] and speeds["all"] < speeds["lora"]
+    # LoRA: base linears one forward in backward (input gradients), attention products and adapters two.
+    macs = plan.macs_t3
+    weightless = macs.self_attention + macs.cross_attention
+    d, f, r, tokens, text = 1536, 8960, 64, 21 * 136 * 240, 512
+    adapters = (
+        30 * r * (tokens * (6 * 2 * d + 2 * (d + f)) + text * 2 * 2 * d)
+    )  # attn1 qkvo, attn2 qo; ffn; attn2 kv
+    forward = macs.total + adapters
+    backward = 2 * weightless + (macs.total - weightless) + 2 * adapters
+    expected = forward + backward + forward  # + the recompute of checkpointing
+    assert (
+        training_macs_per_sample(macs, trainable="lora", adapter_macs=adapters, checkpointing=True)
+        == expected
+    )
+    assert plan.speed_t3["flops_per_sample"] == 2 * expected
+
+
+def test_activation_memory_scales_with_the_sequence_parallel_degree_only():
+    from t3.memory import activation_memory
+
+    common = dict(tokens=1000, dim=8, ffn_dim=16, num_layers=3, micro_batch=2, bytes_per_value=2, branches=2)
+    for checkpointing, offload in ((False, False), (True, False), (True, True)):
+        one = activation_memory(**common, checkpointing=checkpointing, offload=offload)
+        split = activation_memory(**common, checkpointing=checkpointing, offload=offload, sequence_parallel=4)
+        assert split == (one[0] / 4, one[1] / 4)

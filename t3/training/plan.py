@@ -1,4 +1,4 @@
-"""Dry run: build a run on the meta device and report its size, cost and memory, with no weights.
+"""Dry run: build a run on the meta device and answer "does it fit, on how many GPUs, how fast".
 
 ``python train.py experiment=t3_4k dry_run=true`` validates the config, builds the DiT on
 ``torch.device("meta")``, applies the T3 swap and the trainable-parameter selection, constructs the
@@ -6,32 +6,17 @@ strategy and the optimizer, and logs:
 
 * tokens per sample and the per-layer T3 plans (`Schedule.describe`);
 * multiply-accumulates of one forward per sample, dense vs T3 (`t3.attention.flops.dit_macs`);
-* parameter, gradient and optimizer memory per GPU for the strategy and GPU count (`state_memory`);
-* an activation-memory estimate with per-block checkpointing (`activation_memory`);
+* model state and activation memory per GPU for the strategy and GPU count (``dry_run_num_gpus``;
+  formulas in `t3.memory`), and the verdict against a GPU of ``dry_run_gpu_memory_gib``: the margin,
+  or how far over; the fewest GPUs that fit (or that none does, when activations alone are too large:
+  they do not shrink with more GPUs without sequence parallelism); the host memory per node that
+  offloading needs (pinned, for activation offload);
 * the step time and tokens/s implied by ``dry_run_tflops`` sustained per GPU (`throughput`).
 
-Memory formulas (bytes per parameter; ``N`` = GPUs; ``P`` all DiT parameters, ``T`` trainable ones):
-
-* DeepSpeed, bf16 (mixed precision as in the ZeRO paper): bf16 weights ``2P``, bf16 gradients ``2T``, fp32
-  master weights + Adam moments ``12T``. ZeRO-1 partitions the ``12T``, ZeRO-2 also the ``2T``, ZeRO-3
-  everything; ``offload_optimizer`` moves the ``12T`` to CPU memory, ``offload_parameters`` the ``2P``.
-  In fp32 (CPU runs): ``4P + 4T + 8T`` (no master copy), partitioned the same way.
-* DDP / one device (fp32 weights under bf16 autocast): ``4P + 4T + 8T``, nothing partitioned.
-* FSDP2 (fp32 shards, bf16 compute): ``(4P + 4T + 8T) / N``, plus one gathered block in bf16.
-
-Activations (bytes; ``L`` tokens per sample, ``d`` hidden size, ``F`` FFN size, ``n`` blocks, ``b`` 2 for
-bf16 else 4, ``B`` micro-batch, ``k`` T3 branches computed, at most 2):
-
-* what one Wan block saves for backward, per token: ``(18 + 4k) d + 2F`` values (norm inputs and
-  modulated outputs, q/k/v before and after RMSNorm and RoPE, the T3 gathered q/k/v/output per branch,
-  attention and cross-attention outputs, FFN hidden before and after GELU, residual gates);
-* with checkpointing: the ``n`` block inputs ``n L d b`` plus one block recomputed in backward
-  ``L ((18 + 4k) d + 2F) b``; without: ``n`` blocks; ``offload_activations`` moves the block inputs to
-  CPU memory. Times ``B``. An estimate, not a measurement: allocator fragmentation, the attention kernel's
-  own workspace and temporary copies come on top.
-
-Throughput: one training sample costs ``2 * MACs`` FLOPs forward, twice that backward and, with
-checkpointing, one more forward: ``(3 + 1) * 2 * MACs``.
+Throughput: a forward costs ``2 * MACs`` FLOPs; backward two forwards for attention's weight-free
+products and for linear layers whose weights train (input and weight gradients), one forward for
+frozen ones (input gradient only), so LoRA and attention-only runs cost less than a full fine-tune;
+checkpointing adds one forward (`training_macs_per_sample`).
 """
 
 from __future__ import annotations
@@ -46,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from t3.attention.flops import MacBreakdown, dit_macs
 from t3.config import FinetuneConfig, ModelConfig, RunFacts, StrategyConfig
+from t3.memory import GIB, MemoryEstimate, activation_memory, state_memory
 from t3.training.params import select_trainable
 
 __all__ = [
@@ -57,100 +43,55 @@ __all__ = [
     "format_plan",
     "state_memory",
     "throughput",
+    "training_macs_per_sample",
 ]
 
 logger = logging.getLogger(__name__)
 
-GIB = 2**30
+#: GPUs per node assumed for host memory per node when ``trainer.devices`` is ``auto``.
+GPUS_PER_NODE = 8
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per GPU (and per process on the CPU side) for model state and activations."""
+def training_macs_per_sample(
+    macs: MacBreakdown, *, trainable: str, adapter_macs: int = 0, checkpointing: bool
+) -> int:
+    """MACs of one training sample: forward, backward and, with checkpointing, the recompute.
 
-    params: float
-    grads: float
-    optimizer: float
-    cpu_offloaded: float
-    activations: float
-    activations_cpu: float
-
-    @property
-    def gpu_total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
-
-
-def state_memory(
-    *,
-    num_params: int,
-    num_trainable: int,
-    strategy: StrategyConfig,
-    world_size: int,
-    bf16: bool,
-) -> tuple[float, float, float, float]:
-    """Parameter, gradient and optimizer bytes per GPU, and bytes offloaded to CPU (see module docstring).
-
-    Args:
-        num_params: All DiT parameters ``P`` (LoRA adapters included).
-        num_trainable: Trainable parameters ``T``.
-        strategy: The strategy config (name, ZeRO stage, offload flags).
-        world_size: GPUs ``N``.
-        bf16: bf16 mixed precision (else fp32).
-
-    Returns:
-        ``(params, grads, optimizer, cpu_offloaded)`` in bytes.
+    Backward costs two forwards for attention's weight-free products (``q k^T`` and the value
+    product) and for a linear layer whose weight trains (input and weight gradients), one forward for
+    a frozen linear layer (input gradient only). ``trainable``: ``all`` trains every base linear,
+    ``attention`` the self-attention projections, ``lora`` none of them: its adapters train instead
+    (``adapter_macs``: their forward MACs). Frozen embeddings are counted with an input gradient they
+    do not need, a small overestimate.
     """
-    n, p, t = world_size, num_params, num_trainable
-    if strategy.name == "deepspeed":
-        w, g, o = (2 * p, 2 * t, 12 * t) if bf16 else (4 * p, 4 * t, 8 * t)
-        stage = strategy.zero_stage
-        o /= n
-        if stage >= 2:
-            g /= n
-        if stage >= 3:
-            w /= n
-        cpu = 0.0
-        if strategy.offload_optimizer:
-            cpu += o
-            o = 0.0
-        if strategy.offload_parameters:
-            cpu += w
-            w = 0.0
-        return w, g, o, cpu
-    w, g, o = 4 * p, 4 * t, 8 * t
-    if strategy.name == "fsdp2":
-        w, g, o = w / n, g / n, o / n
-    return float(w), float(g), float(o), 0.0
+    weightless = macs.self_attention + macs.cross_attention
+    linear = macs.total - weightless
+    trained_linear = {"all": linear, "attention": macs.self_attn_projections, "lora": 0}[trainable]
+    forward = macs.total + adapter_macs
+    backward = 2 * weightless + linear + trained_linear + 2 * adapter_macs
+    return forward + backward + (forward if checkpointing else 0)
 
 
-def activation_memory(
-    *,
-    tokens: int,
-    dim: int,
-    ffn_dim: int,
-    num_layers: int,
-    micro_batch: int,
-    bytes_per_value: int,
-    branches: int,
-    checkpointing: bool,
-    offload: bool,
-) -> tuple[float, float]:
-    """Activation bytes on the GPU and in CPU memory for one micro-batch (see module docstring)."""
-    per_block = tokens * ((18 + 4 * branches) * dim + 2 * ffn_dim) * bytes_per_value
-    inputs = num_layers * tokens * dim * bytes_per_value
-    if not checkpointing:
-        return float(micro_batch * num_layers * per_block), 0.0
-    if offload:
-        return float(micro_batch * per_block), float(micro_batch * inputs)
-    return float(micro_batch * (inputs + per_block)), 0.0
+def _adapter_macs(dit: torch.nn.Module, *, video_tokens: int, text_tokens: int) -> int:
+    """Forward MACs per sample of the LoRA adapters: each adapter weight multiplies once per row it
+    sees (the text tokens for cross-attention keys and values, the video tokens everywhere else)."""
+    total = 0
+    for name, param in dit.named_parameters():
+        if param.requires_grad and ".lora_" in name:
+            text = ".attn2.to_k." in name or ".attn2.to_v." in name
+            total += (text_tokens if text else video_tokens) * param.numel()
+    return total
 
 
 def throughput(
-    macs_per_sample: int, *, tokens: int, tflops: float, num_gpus: int, global_batch: int, checkpointing: bool
+    train_macs_per_sample: int, *, tokens: int, tflops: float, num_gpus: int, global_batch: int
 ) -> dict[str, float]:
-    """Step time and token rates implied by ``tflops`` sustained TFLOP/s per GPU."""
-    passes = 4 if checkpointing else 3  # forward, backward (2x), recompute
-    flops_per_sample = passes * 2 * macs_per_sample
+    """Step time and token rates implied by ``tflops`` sustained TFLOP/s per GPU.
+
+    Args:
+        train_macs_per_sample: MACs of one training sample (`training_macs_per_sample`).
+    """
+    flops_per_sample = 2 * train_macs_per_sample
     step_time = global_batch * flops_per_sample / (num_gpus * tflops * 1e12)
     return {
         "flops_per_sample": float(flops_per_sample),
@@ -158,6 +99,50 @@ def throughput(
         "tokens_per_s": global_batch * tokens / step_time,
         "tokens_per_s_per_gpu": global_batch * tokens / step_time / num_gpus,
     }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The memory estimate against one GPU's memory, and what follows for the GPU count and the hosts.
+
+    Attributes:
+        gpu_bytes: The GPU memory checked against (``dry_run_gpu_memory_gib``).
+        margin: ``gpu_bytes`` minus the estimate per GPU (negative: over).
+        fewest_gpus: The smallest world size (dividing the global batch into micro-batches) whose
+            estimate fits, or None when none does.
+        gpus_per_node: GPUs per node (``trainer.devices``; `GPUS_PER_NODE` for ``auto``).
+        host_per_node: Host memory per node for offloaded model state and activations.
+        pinned_per_node: Of ``host_per_node``, the pinned activation-offload buffers.
+    """
+
+    gpu_bytes: float
+    margin: float
+    fewest_gpus: int | None
+    gpus_per_node: int
+    host_per_node: float
+    pinned_per_node: float
+
+    @property
+    def fits(self) -> bool:
+        return self.margin >= 0
+
+
+def _verdict(cfg: DictConfig, facts: RunFacts, memory: MemoryEstimate, state_at: Any) -> Verdict:
+    budget = cfg.dry_run_gpu_memory_gib * GIB
+    per_step = cfg.batch.global_size // cfg.batch.micro_size
+    counts = [1] if cfg.strategy.name == "auto" else [n for n in range(1, per_step + 1) if per_step % n == 0]
+    fewest = next((n for n in counts if sum(state_at(n)) + memory.activations <= budget), None)
+    devices = cfg.trainer.devices
+    per_node = devices if isinstance(devices, int) and devices > 0 else GPUS_PER_NODE
+    on_node = min(facts.world_size, per_node)
+    return Verdict(
+        gpu_bytes=budget,
+        margin=budget - memory.gpu_total,
+        fewest_gpus=fewest,
+        gpus_per_node=per_node,
+        host_per_node=on_node * memory.host_total,
+        pinned_per_node=on_node * memory.activations_cpu,
+    )
 
 
 @dataclass
@@ -171,6 +156,7 @@ class RunPlan:
     macs_dense: MacBreakdown
     macs_t3: MacBreakdown
     memory: MemoryEstimate
+    verdict: Verdict
     speed_dense: dict[str, float]
     speed_t3: dict[str, float]
     strategy: Any
@@ -223,13 +209,17 @@ def build_plan(cfg: DictConfig, facts: RunFacts) -> RunPlan:
     macs_t3 = dit_macs(config, facts.grid, schedule=facts.schedule)
     tokens = math.prod(facts.grid)
     bf16 = "bf16" in cfg.trainer.precision
-    weights, grads, opt_state, cpu = state_memory(
-        num_params=summary.total,
-        num_trainable=summary.trainable,
-        strategy=strategy_cfg,
-        world_size=facts.world_size,
-        bf16=bf16,
-    )
+
+    def state_at(world_size: int) -> tuple[float, float, float, float]:
+        return state_memory(
+            num_params=summary.total,
+            num_trainable=summary.trainable,
+            strategy=strategy_cfg,
+            world_size=world_size,
+            bf16=bf16,
+        )
+
+    weights, grads, opt_state, cpu = state_at(facts.world_size)
     branches = max(len(lp.computed) for lp in facts.schedule.plans(facts.grid, facts.num_layers))
     act_gpu, act_cpu = activation_memory(
         tokens=tokens,
@@ -243,14 +233,19 @@ def build_plan(cfg: DictConfig, facts: RunFacts) -> RunPlan:
         offload=finetune.offload_activations,
     )
     memory = MemoryEstimate(weights, grads, opt_state, cpu, act_gpu, act_cpu)
+    adapters = _adapter_macs(dit, video_tokens=tokens, text_tokens=spec.text_len)
     speed = {
         name: throughput(
-            macs.total,
+            training_macs_per_sample(
+                macs,
+                trainable=finetune.trainable,
+                adapter_macs=adapters,
+                checkpointing=finetune.gradient_checkpointing,
+            ),
             tokens=tokens,
             tflops=cfg.dry_run_tflops,
             num_gpus=facts.world_size,
             global_batch=cfg.batch.global_size,
-            checkpointing=finetune.gradient_checkpointing,
         )
         for name, macs in (("dense", macs_dense), ("t3", macs_t3))
     }
@@ -262,6 +257,7 @@ def build_plan(cfg: DictConfig, facts: RunFacts) -> RunPlan:
         macs_dense=macs_dense,
         macs_t3=macs_t3,
         memory=memory,
+        verdict=_verdict(cfg, facts, memory, state_at),
         speed_dense=speed["dense"],
         speed_t3=speed["t3"],
         strategy=strategy,
@@ -280,6 +276,54 @@ def _strategy_name(cfg: DictConfig) -> str:
         if on
     )
     return f"DeepSpeed ZeRO-{s.zero_stage}{extra}"
+
+
+def _verdict_lines(cfg: DictConfig, plan: RunPlan) -> list[str]:
+    """Does it fit, on how many GPUs, and what the hosts need."""
+    v, m, world = plan.verdict, plan.memory, plan.facts.world_size
+    gpu = f"{v.gpu_bytes / GIB:g} GiB per GPU (dry_run_gpu_memory_gib)"
+    if v.fits:
+        lines = [
+            f"verdict: fits in {gpu} with {v.margin / GIB:.2f} GiB to spare ({v.margin / v.gpu_bytes:.0%})"
+        ]
+    else:
+        lines = [f"verdict: does NOT fit in {gpu}: {-v.margin / GIB:.2f} GiB over"]
+    if v.fewest_gpus is not None:
+        lines.append(
+            f"  fewest GPUs that fit: {v.fewest_gpus} (world sizes that divide batch.global_size / "
+            f"batch.micro_size; check another with dry_run_num_gpus=N)"
+        )
+    else:
+        ft = cfg.finetune
+        remedies = [
+            key
+            for key, applies in (
+                ("finetune.gradient_checkpointing=true", not ft.gradient_checkpointing),
+                (
+                    "finetune.offload_activations=true",
+                    ft.gradient_checkpointing and not ft.offload_activations,
+                ),
+                ("a smaller batch.micro_size", cfg.batch.micro_size > 1),
+            )
+            if applies
+        ] or ["a smaller data.height/width/num_frames, or GPUs with more memory"]
+        lines.append(
+            f"  no GPU count fits: activations alone are {m.activations / GIB:.2f} GiB per GPU; try "
+            + ", or ".join(remedies)
+        )
+    if m.host_total:
+        parts = (
+            [f"{v.pinned_per_node / GIB:.2f} GiB pinned for activation offload"] if v.pinned_per_node else []
+        )
+        if v.host_per_node > v.pinned_per_node:
+            parts.append(f"{(v.host_per_node - v.pinned_per_node) / GIB:.2f} GiB for DeepSpeed offload")
+        lines.append(f"  host memory per node ({min(world, v.gpus_per_node)} GPUs): " + " + ".join(parts))
+    if world > 1 and m.activations >= m.state or not v.fits:
+        lines.append(
+            f"  note: activations ({m.activations / GIB:.2f} GiB per GPU) do not shrink with more GPUs: every "
+            "GPU holds whole samples (t3 has no sequence parallelism); more GPUs divide only the sharded model state"
+        )
+    return lines
 
 
 def format_plan(cfg: DictConfig, plan: RunPlan) -> str:
@@ -312,7 +356,8 @@ def format_plan(cfg: DictConfig, plan: RunPlan) -> str:
             else ""
         )
         + ")",
-        f"  total      {m.gpu_total / GIB:8.2f} GiB (estimate; see t3/training/plan.py for the formulas)",
+        f"  total      {m.gpu_total / GIB:8.2f} GiB (estimate; see t3/memory.py for the formulas)",
+        *_verdict_lines(cfg, plan),
         f"throughput at {cfg.dry_run_tflops:g} TFLOP/s per GPU (dense -> T3):",
         f"  step time  {plan.speed_dense['step_time_s']:.1f} s -> {plan.speed_t3['step_time_s']:.1f} s",
         f"  tokens/s   {plan.speed_dense['tokens_per_s']:,.0f} -> {plan.speed_t3['tokens_per_s']:,.0f} "
@@ -341,5 +386,10 @@ def dry_run(cfg: DictConfig, facts: RunFacts) -> tuple[dict[str, float], dict[st
         "dry_run/tokens_per_s_t3": plan.speed_t3["tokens_per_s"],
         "dry_run/tokens_per_s_dense": plan.speed_dense["tokens_per_s"],
         "dry_run/num_trainable": float(plan.num_trainable),
+        "dry_run/fits": float(plan.verdict.fits),
+        "dry_run/gpu_margin_gib": plan.verdict.margin / GIB,
+        "dry_run/fewest_gpus": float(plan.verdict.fewest_gpus or "nan"),
+        "dry_run/host_gib_per_node": plan.verdict.host_per_node / GIB,
+        "dry_run/pinned_host_gib_per_node": plan.verdict.pinned_per_node / GIB,
     }
     return metrics, {"cfg": cfg, "plan": plan}
