@@ -425,6 +425,8 @@ class TrainConfig:
         dry_run_gpu_memory_gib: Memory of one GPU that the dry run's estimate is checked against
             (80: an 80 GB A100/H100).
         tags: Free-form tags for the logger.
+        progress_every_n_steps: Optimizer steps between progress lines (step, loss, lr, s/step, ETA) on
+            the console and in ``${run_dir}/train.log``; a progress bar is shown as well on a terminal.
         max_consecutive_bad_steps: Stop (with an error) after this many micro-batches in a row with a
             non-finite loss; isolated ones are skipped and counted in ``train/num_skipped_nonfinite``.
     """
@@ -439,6 +441,7 @@ class TrainConfig:
     dry_run_num_gpus: int | None = None
     dry_run_gpu_memory_gib: float = 80.0
     tags: list[str] = field(default_factory=list)
+    progress_every_n_steps: int = 10
     max_consecutive_bad_steps: int = 5
     model: ModelConfig = field(default_factory=ModelConfig)
     t3: Any = MISSING
@@ -828,6 +831,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     _check_range(cfg, "checkpoint.every_n_steps", low=1)
     _check_range(cfg, "checkpoint.keep", low=1)
     _check_range(cfg, "max_consecutive_bad_steps", low=1)
+    _check_range(cfg, "progress_every_n_steps", low=1)
     for fmt in cfg.export.formats:
         if fmt not in EXPORT_FORMATS:
             raise _fail(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -626,3 +627,35 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path, cache_dir, caplog)
     train(more)
     last = read_run_summary(cfg.run_dir)
     assert last["step"] == 3 and "val/loss" not in last["metrics"] and last["speed"]["perf/steps_timed"] == 1
+
+
+def test_training_logs_progress_lines_to_train_log(tmp_path, cache_dir, capsys):
+    """A SLURM .out or a tail -f of train.log shows step, loss, lr, s/step and ETA while training runs."""
+    cfg = run_cfg(
+        tmp_path, cache_dir, "trainer.max_steps=5", "progress_every_n_steps=2", "validation.every_n_steps=0"
+    )
+    train(cfg)
+    assert "step/s" not in capsys.readouterr().err  # not a terminal: plain lines only, no bar
+    log = (Path(cfg.run_dir) / "train.log").read_text()
+    lines = [line for line in log.splitlines() if "] - step " in line]
+    # The first step of the process, every second step, and the last step.
+    assert [line.split("] - step ")[1].split(" ")[0] for line in lines] == ["1/5", "2/5", "4/5", "5/5"]
+    pattern = (
+        r"\] - step 4/5 \(80\.0%\) \| loss \d+\.\d{4} \| lr \d\.\d\de-\d\d \| \d+\.\d\d s/step \| ETA \d+s$"
+    )
+    assert re.search(pattern, lines[2]), lines[2]
+    assert lines[-1].endswith("ETA 0s")
+
+
+def test_training_shows_a_progress_bar_on_a_terminal(tmp_path, cache_dir, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(run_cfg(tmp_path, cache_dir, "trainer.max_steps=3", "validation.every_n_steps=0"))
+    assert "3/3 [" in terminal.getvalue() and "step/s" in terminal.getvalue()

@@ -1,5 +1,7 @@
-"""Lightning callbacks of a t3 training run: step timing, EMA of the trainable weights, sample videos.
+"""Lightning callbacks of a t3 training run: progress, step timing, EMA of the trainable weights, sample videos.
 
+* `ProgressLog` logs step, loss, learning rate, seconds per step and ETA every few optimizer steps on
+  rank 0 (the console and ``${run_dir}/train.log``), and shows a progress bar when attached to a terminal.
 * `StepCheckpoint` is Lightning's ``ModelCheckpoint`` that also saves when training ends off the
   checkpoint interval, so ``last.ckpt`` always holds the final step, and keeps the newest few.
 * `StepTimer` logs ``perf/step_time_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` (the step's own
@@ -16,8 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,12 +37,97 @@ __all__ = [
     "DataSkipError",
     "DataSkipMonitor",
     "EMACallback",
+    "ProgressLog",
     "SampleVideoCallback",
     "StepCheckpoint",
     "StepTimer",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class ProgressLog(Callback):
+    """One line every ``every_n_steps`` optimizer steps (and at the first and last step), on rank 0:
+
+        step 120/5000 (2.4%) | loss 0.1234 | lr 2.00e-05 | 3.21 s/step | ETA 4h21m
+
+    The lines go through `logging`, so they reach the console and ``${run_dir}/train.log`` and a SLURM
+    ``.out`` file shows plain periodic lines. Seconds per step are wall time over the last interval
+    (validation and checkpoints included, as they will be in the remaining steps), and the ETA is the
+    remaining steps at that rate. On a terminal a tqdm bar over the optimizer steps is shown as well,
+    with the log lines printed above it.
+
+    Args:
+        every_n_steps: Optimizer steps between lines.
+        max_steps: The run's last step.
+        bar: Show the bar; None: when stderr is a terminal.
+    """
+
+    def __init__(self, every_n_steps: int, max_steps: int, bar: bool | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_steps = max_steps
+        self.bar = sys.stderr.isatty() if bar is None else bar
+        self._mark: tuple[int, float] = (0, 0.0)  # (step, time) of the last line, or of the start
+        self._last_step: int | None = None
+        self._lines = 0
+        self._progress: Any = None
+        self._redirect = contextlib.ExitStack()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._mark = (trainer.global_step, time.perf_counter())
+        self._lines = 0
+        if trainer.is_global_zero and self.bar:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # Log lines printed through the bar instead of breaking it.
+            self._redirect.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger()]))
+            self._progress = tqdm(
+                total=self.max_steps, initial=trainer.global_step, unit="step", dynamic_ncols=True
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:  # still accumulating, or not rank 0
+            return
+        self._last_step = step
+        loss = trainer.callback_metrics.get("train/loss")
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        if self._progress is not None:
+            self._progress.update(step - self._progress.n)
+            self._progress.set_postfix(loss=f"{float(loss):.4g}" if loss is not None else "-", lr=f"{lr:.2e}")
+        if not (self._lines == 0 or step % self.every_n_steps == 0 or step >= self.max_steps):
+            return
+        self._lines += 1
+        now = time.perf_counter()
+        per_step = (now - self._mark[1]) / max(step - self._mark[0], 1)
+        self._mark = (step, now)
+        logger.info(
+            "step %d/%d (%.1f%%) | loss %s | lr %.2e | %.2f s/step | ETA %s",
+            step, self.max_steps, 100.0 * step / self.max_steps,
+            f"{float(loss):.4f}" if loss is not None else "-", lr, per_step,
+            _duration(per_step * (self.max_steps - step)),
+        )  # fmt: skip
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._redirect.close()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.on_train_end(trainer, pl_module)
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -14,11 +14,12 @@ and rerunning the same command continues it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,47 @@ def _setup_logging() -> None:
                 lightning_logger.removeHandler(handler)
 
 
+@contextlib.contextmanager
+def _train_log(cfg: DictConfig) -> Iterator[None]:
+    """Append t3's and Lightning's log records to ``${run_dir}/train.log`` on rank 0 while training.
+
+    Under ``python train.py`` Hydra's job log is already that file (its run dir is the run dir); then
+    nothing is added. Sweep jobs and programmatic runs get the file here. Dry runs write none.
+    """
+    from t3.launch import prepare_distributed_environment
+
+    prepare_distributed_environment()  # idempotent: the ranks of a submitit task, before reading ours
+    path = (Path(cfg.run_dir) / "train.log").resolve()
+    root = logging.getLogger()
+    if (
+        cfg.get("dry_run")
+        or rank_zero_only.rank > 0
+        or any(
+            isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == path
+            for h in root.handlers
+        )
+    ):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("t3", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:  # without a configured root logger: INFO goes nowhere
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+
+
 def _dataset_factory(node: Any) -> Any:
     if node is None:
         return None
@@ -125,12 +167,14 @@ def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback
     from t3.training.callbacks import (
         DataSkipMonitor,
         EMACallback,
+        ProgressLog,
         SampleVideoCallback,
         StepCheckpoint,
         StepTimer,
     )
 
     callbacks: list[Callback] = [
+        ProgressLog(cfg.progress_every_n_steps, cfg.trainer.max_steps),
         # Keep the newest checkpoint.keep step checkpoints and point last.ckpt at the newest: a damaged or
         # interrupted save leaves older ones to resume from (t3.training.checkpoints).
         StepCheckpoint(
@@ -183,7 +227,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[
     """
     started = time.time()
     try:
-        metrics, objects = _train(cfg, callbacks=callbacks)
+        with _train_log(cfg):
+            metrics, objects = _train(cfg, callbacks=callbacks)
     except Exception as err:
         # A refused resume ran nothing: the folder's summary stays that of the run it holds.
         if not cfg.get("dry_run") and not isinstance(err, ResumeRefusedError):
