@@ -380,6 +380,9 @@ class LoggerConfig:
         project: wandb project.
         entity: wandb entity (team); None for the default.
         mode: wandb mode: ``online``, ``offline`` or ``disabled``.
+        name: wandb run name; None: ``experiment_name``, and in a sweep ``<experiment_name>/<the job's
+            overrides>`` (its folder name), so that every job of a study has a name of its own.
+        group: wandb group; None: in a sweep the study (``experiment_name``), else none.
     """
 
     csv: bool = True
@@ -387,6 +390,8 @@ class LoggerConfig:
     project: str = "t3"
     entity: str | None = None
     mode: str = "online"
+    name: str | None = None
+    group: str | None = None
 
 
 @dataclass

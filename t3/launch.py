@@ -22,21 +22,31 @@ Usage, first thing in ``t3.training.train`` (before anything touches ``torch.dis
     prepare_distributed_environment()
     ...
     trainer = L.Trainer(..., plugins=cluster_plugins(num_processes=facts.world_size))
+
+`render_sweep_scripts` (``python -m t3.launch render <train.py overrides>``) prints the sbatch script
+that ``python train.py -m <overrides> hydra/launcher=slurm`` would submit, without a cluster and
+without submitting or writing anything: the way to check a sweep's resources before queueing it.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "DistributedEnvironment",
     "LaunchError",
     "cluster_plugins",
+    "main",
     "prepare_distributed_environment",
+    "render_sweep_scripts",
     "submitit_executor",
 ]
 
@@ -225,3 +235,107 @@ def cluster_plugins(num_processes: int) -> list[Any]:
             "hydra.launcher.tasks_per_node=<devices>) or hydra/launcher=slurm"
         )
     return []
+
+
+# --- render-only: the submission script of a sweep ---------------------------------------------------------
+
+#: The training configs, beside this package in the repository.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _sweep_batches(cfg: Any, sweep_overrides: Sequence[str]) -> list[list[list[str]]]:
+    """The jobs of the sweep, batched as Hydra's basic sweeper would: the study's ``hydra.sweeper.params``
+    with the command line's sweep overrides (which win for the same key)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = cfg.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(sweep_overrides)
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(parsed, cfg.hydra.sweeper.get("max_batch_size"))
+    return [[list(job) for job in batch] for batch in batches]
+
+
+def _sbatch_text(launcher_params: dict[str, Any], num_jobs: int) -> str:
+    """What hydra-submitit-launcher's SLURM launcher submits for ``num_jobs`` jobs (one array job for
+    more than one), built with submitit's own executor: the same parameter translation and template."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class RenderingExecutor(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1  # renders only: needs no srun on this machine
+
+    params = {k: v for k, v in launcher_params.items() if v is not None}
+    executor = RenderingExecutor(params.pop("submitit_folder"), max_num_timeout=params.pop("max_num_timeout"))
+    generic = submitit.AutoExecutor._typed_parameters()
+    converted = executor._convert_parameters({k: v for k, v in params.items() if k in generic})
+    converted.update({k: v for k, v in params.items() if k not in generic})
+    executor.update_parameters(**converted)
+    if num_jobs > 1:
+        executor.parameters["map_count"] = num_jobs
+    return executor._make_submission_file_text(executor._submitit_command_str, "render")
+
+
+def render_sweep_scripts(overrides: Sequence[str]) -> list[tuple[list[list[str]], str]]:
+    """The sbatch scripts ``python train.py -m <overrides>`` would submit with ``hydra/launcher=slurm``.
+
+    Nothing is submitted and nothing is written; no cluster is needed. ``hydra/launcher=slurm`` is
+    added unless the overrides choose a launcher.
+
+    Returns:
+        One ``(jobs, script)`` per batch of the sweeper (normally one array job for the whole sweep),
+        ``jobs`` being each job's overrides.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.utils import instantiate
+
+    from t3.config import register_configs
+
+    overrides = list(overrides)
+    if not any(o.startswith("hydra/launcher=") for o in overrides):
+        overrides.append("hydra/launcher=slurm")
+    if not any(o.startswith("hydra.job.name=") for o in overrides):
+        overrides.append("hydra.job.name=train")  # what `python train.py` names its jobs (the SLURM job name)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    sweep = [o.input_line for o in parsed if o.is_sweep_override()]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=fixed, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = instantiate(cfg.hydra.launcher)
+    if not hasattr(launcher, "params"):
+        raise LaunchError(f"hydra/launcher: {type(launcher).__name__} is not a submitit launcher; use slurm")
+    return [(jobs, _sbatch_text(launcher.params, len(jobs))) for jobs in _sweep_batches(cfg, sweep)]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m t3.launch render <train.py overrides>``: print a sweep's sbatch script(s)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m t3.launch",
+        description="Print the sbatch script that `python train.py -m <overrides> hydra/launcher=slurm` would "
+        "submit, without a cluster (nothing is submitted or written). The job list goes to stderr.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    render = commands.add_parser("render", help="print the submission script of a sweep")
+    render.add_argument("overrides", nargs="*", help="train.py overrides, e.g. experiment=ablation_branches")
+    args = parser.parse_args(argv)
+    try:
+        batches = render_sweep_scripts(args.overrides)
+    except Exception as err:  # noqa: BLE001 - a CLI: one line, not a traceback
+        raise SystemExit(f"error: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    for number, (jobs, script) in enumerate(batches, start=1):
+        for index, job in enumerate(jobs):
+            print(f"# job {index}: {' '.join(job) or '(no overrides)'}", file=sys.stderr)  # noqa: T201
+        if len(batches) > 1:
+            print(f"# --- array job {number} of {len(batches)} ---")  # noqa: T201
+        print(script)  # noqa: T201 - the CLI's output
+
+
+if __name__ == "__main__":
+    main()

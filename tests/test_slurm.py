@@ -3,12 +3,15 @@ the distributed environment a submitit task exports so that Lightning starts no 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
 import socket
 import stat
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -183,8 +186,8 @@ def _no_task(cfg) -> None:
     """Stands in for train.py's task function (never called)."""
 
 
-def render_sweep_script(tmp_path: Path, monkeypatch, *overrides: str) -> str:
-    """The sbatch script ``python train.py -m <overrides> hydra/launcher=slurm`` would submit.
+def render_sweep_script(tmp_path: Path, monkeypatch, *overrides: str, sweep: Sequence[str] = ()) -> str:
+    """The sbatch script ``python train.py -m <overrides> <sweep> hydra/launcher=slurm`` would submit.
 
     Runs hydra-submitit-launcher's own ``launch`` (parameters -> submitit executor -> array submission)
     up to the point where submitit would call ``sbatch``.
@@ -203,7 +206,7 @@ def render_sweep_script(tmp_path: Path, monkeypatch, *overrides: str) -> str:
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # "srun is available"
     monkeypatch.setattr(SlurmExecutor, "_submit_command", capture)
     with pytest.raises(_Submitted):
-        launcher.launch(sweep_jobs(cfg), initial_job_idx=0)
+        launcher.launch(sweep_jobs(cfg, *sweep), initial_job_idx=0)
     return script["text"]
 
 
@@ -288,9 +291,11 @@ def fake_srun(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("path", TRAIN_TEMPLATES, ids=lambda p: p.name)
 def test_train_templates_pass_the_allocation_to_train_py(path, tmp_path):
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
     env = {
         "PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(tmp_path),  # no slurm/env.local there
+        "SLURM_SUBMIT_DIR": str(tmp_path),  # the repository: slurm/job_env.sh, no slurm/env.local
         "SLURM_JOB_ID": "1",
         "SLURM_NNODES": "2",
         "SLURM_JOB_NODELIST": "gpu-[1-2]",
@@ -362,3 +367,93 @@ def test_submitit_tasks_form_one_ddp_job_without_lightning_spawning(tmp_path, mo
     assert sorted((r["rank"], r["global_rank"], r["world_size"]) for r in results) == [(0, 0, 2), (1, 1, 2)]
     assert [(r["external"], r["num_spawned"]) for r in results] == [(True, 0)] * 2  # Lightning started none
     assert results[0]["weight"] == results[1]["weight"]  # one model, trained together
+
+
+# --- CPUs per task, env.local, containers, render-only ------------------------------------------------------
+
+
+def test_slurm_launcher_hands_the_cpus_per_task_to_srun(tmp_path, monkeypatch):
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task: the sweep's tasks get it through the job env."""
+    monkeypatch.setenv("T3_SLURM_CPUS_PER_TASK", "12")
+    flags = sbatch_flags(render_sweep_script(tmp_path, monkeypatch, "experiment=ablation_demo"))
+    assert flags["cpus-per-task"] == "12" and flags["export"] == "ALL,SRUN_CPUS_PER_TASK=12"
+
+
+def fake_srun_printing_env(tmp_path: Path) -> Path:
+    bin_dir = fake_srun(tmp_path)
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\necho "srun cpus=${SRUN_CPUS_PER_TASK:-unset} mark=${T3_TEST_MARK:-unset} $*"\n'
+    )
+    return bin_dir
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_templates_source_env_local_and_pass_cpus_and_container_to_srun(path, tmp_path):
+    submit_dir = tmp_path / "repo"
+    (submit_dir / "slurm").mkdir(parents=True)
+    (submit_dir / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
+    (submit_dir / "slurm" / "env.local").write_text("export T3_TEST_MARK=from-env-local\n")
+    env = {
+        "PATH": f"{fake_srun_printing_env(tmp_path)}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(submit_dir),
+        "SLURM_JOB_ID": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "gpu-1",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_GPUS_PER_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "6",
+        "SLURM_ARRAY_TASK_ID": "2",
+        "SLURM_ARRAY_TASK_COUNT": "8",
+        "SLURM_ARRAY_JOB_ID": "1",
+    }
+    run = functools.partial(
+        subprocess.run, ["bash", str(path), "seed=1"], capture_output=True, text=True, check=True
+    )
+    out = run(env=env).stdout
+    entry = "eval.py" if "eval" in path.name else "train.py"
+    assert f"srun cpus=6 mark=from-env-local python {entry} " in out
+    out = run(env={**env, "T3_CONTAINER": "/images/t3.sif"}).stdout
+    assert f"srun cpus=6 mark=from-env-local apptainer exec --nv /images/t3.sif python {entry} " in out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("experiment=ablation_branches", "trainer.num_nodes=2", "t3=dense,wan21_windows"),
+        ("experiment=ablation_base",),
+    ],
+    ids=["array", "one job"],
+)
+def test_render_prints_exactly_what_the_sweep_launcher_submits(tmp_path, monkeypatch, overrides):
+    from t3.launch import render_sweep_scripts
+
+    monkeypatch.chdir(tmp_path)
+    root = f"paths.root_dir={tmp_path}"
+    ((jobs, script),) = render_sweep_scripts([root, *overrides])
+    assert not (tmp_path / "outputs").exists()  # nothing written (the launcher below makes the sweep dir)
+    sweep = [o for o in overrides if "," in o]
+    expected = render_sweep_script(tmp_path, monkeypatch, root, *[o for o in overrides if o not in sweep],
+                                   "hydra.job.name=train", sweep=sweep)  # fmt: skip
+    assert script == expected
+    assert len(jobs) == (2 if sweep else 1) and ("#SBATCH --array=0-1%" in script) == bool(sweep)
+
+
+def test_render_cli_prints_the_script_without_a_cluster(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "t3.launch", "render", "experiment=ablation_demo", f"paths.root_dir={tmp_path}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flags = sbatch_flags(proc.stdout)
+    assert flags["array"] == "0-3%4" and flags["job-name"] == "train"
+    assert "# job 3: t3=wan21_windows finetune.trainable=attention" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_container_recipe_copies_files_of_the_repository():
+    recipe = (SLURM_DIR / "t3.def").read_text()
+    files = recipe.split("%files", 1)[1].split("%post", 1)[0]
+    sources = [line.split()[0] for line in files.strip().splitlines()]
+    assert sources and all((REPO_ROOT / source).exists() for source in sources), sources
+    assert "pip install --no-cache-dir /opt/t3" in recipe  # the pinned dependencies of pyproject.toml

@@ -267,3 +267,34 @@ def test_local_launcher_runs_a_job_in_its_own_process(tmp_path):
     sweep = tmp_path / "outputs" / "sweeps" / "ablation_demo"
     assert read_run_summary(sweep / "finetune.trainable=attention,t3=dense")["status"] == "completed"
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # it ran as a submitit job
+
+
+def test_every_job_of_a_sweep_gets_its_own_wandb_run_name_in_one_group_per_study(monkeypatch, tmp_path):
+    import importlib
+
+    from t3.training.train import wandb_name_and_group
+
+    train_module = importlib.import_module("t3.training.train")  # t3.training.train is also the function
+
+    cfg = compose_with_hydra("experiment=ablation_trainable")
+    identities = set()
+    for job in sweep_jobs(cfg):
+        job_cfg = compose_with_hydra("experiment=ablation_trainable", *job, "logger=wandb")
+        variant = job_cfg.hydra.job.override_dirname
+        identities.add(wandb_name_and_group(job_cfg, variant))
+        # The WandbLogger the run builds carries them (it starts no wandb run before its first log).
+        monkeypatch.setattr(train_module, "_sweep_variant", lambda variant=variant: variant)
+        (wandb,) = [
+            lg for lg in train_module._build_loggers(job_cfg, tmp_path) if "Wandb" in type(lg).__name__
+        ]
+        assert (wandb._wandb_init["name"], wandb._wandb_init["group"]) == wandb_name_and_group(
+            job_cfg, variant
+        )
+    names = {name for name, _ in identities}
+    assert len(names) == 6 and "ablation_trainable/finetune.trainable=lora,optim.lr=0.0001" in names
+    assert {group for _, group in identities} == {"ablation_trainable"}
+    # A single run keeps its experiment's name, without a group; explicit values win.
+    single = compose_with_hydra("experiment=t3_720p", "logger=wandb")
+    assert wandb_name_and_group(single, None) == ("t3_720p", None)
+    named = compose_with_hydra("experiment=t3_720p", "logger=wandb", "logger.name=mine", "logger.group=g")
+    assert wandb_name_and_group(named, "seed=1") == ("mine", "g")

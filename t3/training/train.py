@@ -126,6 +126,27 @@ def _dataset_factory(node: Any) -> Any:
     return lambda: instantiate(node, _convert_="all")
 
 
+def _sweep_variant() -> str | None:
+    """In a Hydra multirun job, the overrides that make it one variant of its sweep (its folder name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().job.override_dirname or None
+
+
+def wandb_name_and_group(cfg: DictConfig, variant: str | None) -> tuple[str, str | None]:
+    """The wandb run name and group of a run; ``variant``: its sweep job's overrides, or None.
+
+    A sweep job is named ``<experiment>/<variant>`` and grouped by its study, so the jobs of a study
+    are told apart and shown together; ``logger.name`` and ``logger.group`` win when set.
+    """
+    name = cfg.logger.get("name") or (f"{cfg.experiment_name}/{variant}" if variant else cfg.experiment_name)
+    group = cfg.logger.get("group") or (cfg.experiment_name if variant is not None else None)
+    return name, group
+
+
 def _build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -135,11 +156,13 @@ def _build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
         # metrics.csv in its folder, so a resumed run must not reuse the folder of the run it continues.
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
     if cfg.logger.wandb:
+        name, group = wandb_name_and_group(cfg, _sweep_variant())
         loggers.append(
             WandbLogger(
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
-                name=cfg.experiment_name,
+                name=name,
+                group=group,
                 id=_wandb_run_id(run_dir),
                 resume="allow",
                 save_dir=str(run_dir),
