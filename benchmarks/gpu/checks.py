@@ -437,7 +437,7 @@ def memory(ctx: Context) -> None:
         f"{period} of {facts.num_layers} blocks of {facts.preset} (one period of the schedule), per-block "
         f"gradient checkpointing, float32 weights{' under bf16 autocast' if bf16 else ''}, AdamW, 1 device; "
         f"{sum(p.numel() for p in dit.parameters()):,} parameters. Predicted: the dry-run formulas "
-        "(t3/training/plan.py: state_memory, activation_memory) for this setting. Measured peak: the "
+        "(t3/memory.py: state_memory, activation_memory) for this setting. Measured peak: the "
         "second of two steps (AdamW state exists), every live tensor (weights, AdamW, gradients, "
         "activations, inputs)."
     )
@@ -489,8 +489,8 @@ def _training_step_memory(
     """Peak memory of one training step of ``dit`` at ``s``'s size next to the dry-run prediction."""
     from omegaconf import OmegaConf
 
+    from t3.memory import activation_memory, state_memory
     from t3.models import get_spec
-    from t3.training.plan import activation_memory, state_memory
 
     facts, spec = s.facts, get_spec(s.facts.preset)
     period = len(dit.blocks)
