@@ -34,8 +34,8 @@ bf16 else 4, ``B`` micro-batch, ``k`` T3 branches computed, at most 2):
   ``L ((18 + 4k) d + 2F) b``; without: ``n`` blocks; ``offload_activations`` moves the block inputs to
   (pinned) CPU memory. Times ``B``.
 * Activations are per sample, so more GPUs do not shrink them: only a sequence-parallel degree
-  ``S`` (each sample's tokens split over ``S`` GPUs) would, to ``L / S`` tokens per GPU. t3 has no
-  sequence parallelism yet (``S = 1``).
+  ``S`` (each sample's tokens split over ``S`` GPUs, `t3.parallel`) does, to ``L / S`` tokens per
+  GPU. Training has no sequence-parallel setting yet, so the dry run uses ``S = 1``.
 """
 
 from __future__ import annotations
@@ -335,8 +335,8 @@ def activation_memory(
     Args:
         tokens: Video tokens per sample ``L``.
         sequence_parallel: GPUs that split each sample's tokens (``S``): each holds ``L / S`` of them.
-            Every term below is per token, so the split divides all of them. 1 (no split) is all t3
-            has today; the parameter is where a sequence-parallel strategy plugs in.
+            Every term below is per token, so the split divides all of them. The dry run passes 1
+            until training gets a sequence-parallel setting; this parameter is where it plugs in.
     """
     local_tokens = math.ceil(tokens / sequence_parallel)
     per_block = local_tokens * ((18 + 4 * branches) * dim + 2 * ffn_dim) * bytes_per_value

@@ -321,7 +321,8 @@ def _verdict_lines(cfg: DictConfig, plan: RunPlan) -> list[str]:
     if world > 1 and m.activations >= m.state or not v.fits:
         lines.append(
             f"  note: activations ({m.activations / GIB:.2f} GiB per GPU) do not shrink with more GPUs: every "
-            "GPU holds whole samples (t3 has no sequence parallelism); more GPUs divide only the sharded model state"
+            "GPU holds whole samples (training has no sequence-parallel setting yet); more GPUs divide only the "
+            "sharded model state"
         )
     return lines
 
