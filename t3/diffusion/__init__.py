@@ -14,6 +14,7 @@ from t3.diffusion.flow_matching import (
     shift_sigma,
     velocity_target,
 )
+from t3.diffusion.heldout import heldout_loss, heldout_noise, sample_seed
 from t3.diffusion.sampling import SCHEDULER_NAMES, build_scheduler, sample
 from t3.diffusion.timesteps import (
     TIMESTEP_SAMPLERS,
@@ -44,7 +45,10 @@ __all__ = [
     "diffsynth_sigmas",
     "flow_matching_loss",
     "flow_matching_loss_at",
+    "heldout_loss",
+    "heldout_noise",
     "sample",
+    "sample_seed",
     "shift_sigma",
     "velocity_target",
 ]

@@ -7,7 +7,7 @@ Lightning requires for sharded strategies. Parallelism itself is chosen by the `
 (`t3.training.strategies`); nothing here branches on it except how a non-finite loss is skipped.
 
 Randomness is per sample: the noise level and noise of the sample at stream position ``p`` come from a
-generator seeded with ``(seed, p)`` (see `t3.training.datamodule`), so a global batch gives the same loss
+generator seeded with ``(seed, p)`` (`t3.diffusion.sample_seed`; positions: `t3.training.datamodule`), so a global batch gives the same loss
 however it is split over GPUs and micro-batches, and a resumed run continues bit-identically on the CPU.
 
 Non-finite losses: every rank learns whether any rank saw one (one tiny all-reduce), so all ranks take
@@ -22,7 +22,6 @@ after ``max_consecutive_bad_steps`` in a row, training stops with `NonFiniteLoss
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,23 +32,23 @@ from torch import nn
 
 import t3
 from t3.config import FinetuneConfig, ModelConfig, ObjectiveConfig, OptimConfig, ValidationConfig
-from t3.diffusion import build_loss_weighting, build_timestep_sampler, flow_matching_loss_at
+from t3.diffusion import (
+    build_loss_weighting,
+    build_timestep_sampler,
+    flow_matching_loss_at,
+    heldout_loss,
+    sample_seed,
+)
 from t3.training.optim import build_lr_scheduler, build_optimizer
 from t3.training.params import TrainableSummary, select_trainable
 
-__all__ = ["NonFiniteLossError", "T3FinetuneModule", "build_dit", "sample_seed"]
+__all__ = ["NonFiniteLossError", "T3FinetuneModule", "build_dit"]
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive micro-batches with a NaN or infinite loss."""
-
-
-def sample_seed(seed: int, position: int, stream: int = 0) -> int:
-    """A 63-bit seed for the sample at stream ``position`` (``stream`` separates uses, e.g. validation)."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{position}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
@@ -303,41 +302,22 @@ class T3FinetuneModule(L.LightningModule):
     # --- validation --------------------------------------------------------------------------------------
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        # The held-out recipe (fixed levels, noise fixed by position) the CPU demo's comparison uses too.
         x0, text = batch["latents"], batch["text"]
+        sigmas = self.validation_cfg.sigmas
+        losses = heldout_loss(
+            self._model_fn,
+            x0,
+            {"encoder_hidden_states": text},
+            batch["position"].tolist(),
+            sigmas=sigmas,
+            seed=self.validation_cfg.seed,
+            num_train_timesteps=self.objective.num_train_timesteps,
+        ).mean(dim=1)
         batch_size = len(x0)
-        per_sigma = []
-        for k, sigma in enumerate(self.validation_cfg.sigmas):
-            noise = torch.stack(
-                [
-                    torch.randn(
-                        x0.shape[1:],
-                        generator=torch.Generator(device=x0.device).manual_seed(
-                            sample_seed(self.validation_cfg.seed, p, stream=k + 1)
-                        ),
-                        device=x0.device,
-                        dtype=torch.float32,
-                    )
-                    for p in batch["position"].tolist()
-                ]
-            )
-            loss, _ = flow_matching_loss_at(
-                self._model_fn,
-                x0,
-                {"encoder_hidden_states": text},
-                float(sigma),
-                noise,
-                num_train_timesteps=self.objective.num_train_timesteps,
-            )
-            per_sigma.append(loss)
+        for sigma, loss in zip(sigmas, losses, strict=True):
             self.log(f"val/loss_sigma_{sigma:g}", loss, sync_dist=True, on_epoch=True, batch_size=batch_size)
-        self.log(
-            "val/loss",
-            torch.stack(per_sigma).mean(),
-            sync_dist=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch_size,
-        )
+        self.log("val/loss", losses.mean(), sync_dist=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
 
     # --- optimisation ------------------------------------------------------------------------------------
 
