@@ -19,7 +19,8 @@ Main options:
     dry_run=true               plan only (dry_run_num_gpus=N)
 
 The config is checked before Lightning or any model is imported: an impossible value is one line naming
-the key (exit status 1). Everything else happens in `t3.training.train`.
+the key (exit status 1). Then the function the config's ``entry`` names runs: `t3.training.train.main`
+(training), or the one an experiment sets (the demo's: `t3.demo.pipeline.main`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from t3.cli import register_help
-from t3.config import ConfigError, register_configs, validate
+from t3.config import ConfigError, entry_function, register_configs, validate
 
 register_configs()
 register_help(
@@ -44,17 +45,11 @@ register_help(
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Run one training job; returns the final ``train/loss`` (for Hydra sweepers)."""
+    """Run one job: the config's ``entry``; returns what it returns (for Hydra sweepers: the final
+    ``train/loss`` of a training run)."""
     try:
         validate(cfg)
-        if cfg.get("demo") is not None:  # `python train.py`: the default experiment is the CPU demo
-            from t3.demo import run_demo
-
-            run_demo(cfg)
-            return None
-        from t3.training import train
-
-        metrics, _ = train(cfg)
+        return entry_function(cfg.entry)(cfg)
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise SystemExit(f"config error: {err}") from None
@@ -68,7 +63,6 @@ def main(cfg: DictConfig) -> float | None:
 
         write_train_summary(cfg, "failed", time.time(), error=f"ConfigError: {err}")
         raise
-    return metrics.get("train/loss")
 
 
 if __name__ == "__main__":

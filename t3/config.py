@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import inspect
 import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from t3.demo.settings import DemoConfig
 
 __all__ = [
     "TRAINABLE",
@@ -48,8 +54,10 @@ __all__ = [
     "StrategyConfig",
     "TrainConfig",
     "TrainerConfig",
+    "TRAIN_ENTRY",
     "ValidationConfig",
     "check_field_types",
+    "entry_function",
     "register_configs",
     "resolve_world_size",
     "validate",
@@ -63,6 +71,9 @@ ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 LR_SCHEDULES = ("constant", "cosine")
 DATA_SOURCES = ("synthetic", "latent_shards", "raw_videos")
 EXPORT_FORMATS = ("diffusers", "wan")
+#: The ``entry`` of a training config: `t3.training.train.main`.
+TRAIN_ENTRY = "t3.training.train:main"
+_ENTRY_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 class ConfigError(ValueError):
@@ -414,6 +425,9 @@ class TrainConfig:
     """The whole training config (``conf/train.yaml``).
 
     Attributes:
+        entry: What ``train.py`` runs with the validated config, as ``package.module:function``: training
+            (`TRAIN_ENTRY`) unless the experiment names another (the CPU demo: ``t3.demo.pipeline:main``).
+            The function takes the config and returns the value a Hydra sweeper minimises, or None.
         experiment_name: Names the run directory; experiments set it to their file name.
         run_dir: Everything of a run: checkpoints, logs, exports. Deterministic, so rerunning the same
             command resumes (see ``resume``).
@@ -434,8 +448,11 @@ class TrainConfig:
             the console and in ``${run_dir}/train.log``; a progress bar is shown as well on a terminal.
         max_consecutive_bad_steps: Stop (with an error) after this many micro-batches in a row with a
             non-finite loss; isolated ones are skipped and counted in ``train/num_skipped_nonfinite``.
+        demo: Settings of the CPU demo (``conf/experiment/demo.yaml``, `t3.demo.settings`); None for
+            every other experiment.
     """
 
+    entry: str = TRAIN_ENTRY
     experiment_name: str = "default"
     run_dir: str = "${paths.output_dir}/${experiment_name}"
     seed: int = 42
@@ -463,9 +480,7 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    # Settings of the embedded CPU demo (conf/experiment/demo.yaml, checked by t3.demo.DemoConfig);
-    # None for an ordinary training run.
-    demo: Any = None
+    demo: DemoConfig | None = None
 
 
 def register_configs() -> None:
@@ -667,6 +682,32 @@ def _check_target_kwargs(cfg: DictConfig, key: str, *, require_values: bool = Tr
         )
 
 
+def _check_entry(cfg: DictConfig) -> None:
+    entry = cfg.entry
+    if not _ENTRY_FORM.fullmatch(entry):
+        raise _fail("entry", entry, f"must be 'package.module:function' (training: {TRAIN_ENTRY!r})")
+    module = entry.split(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None  # imports its packages, not the module
+    except ModuleNotFoundError:  # a package on the way is missing
+        found = False
+    if not found:
+        raise _fail("entry", entry, f"no module {module!r} to import (training: {TRAIN_ENTRY!r})")
+
+
+def entry_function(entry: str) -> Callable[[DictConfig], Any]:
+    """The function an ``entry`` (checked by `validate`) names, imported.
+
+    Raises:
+        ConfigError: The module has no such function.
+    """
+    module_name, name = entry.split(":")
+    function = getattr(importlib.import_module(module_name), name, None)
+    if not callable(function):
+        raise _fail("entry", entry, f"{module_name} has no function {name!r}")
+    return function
+
+
 def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     """Check a composed training config before anything heavy is built.
 
@@ -685,6 +726,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     from t3.models.presets import get_spec, preset_names
 
     _check_schema_keys(cfg)
+    _check_entry(cfg)
     # A missing mandatory value anywhere (``???``) would otherwise surface much later, mid-build.
     for key in ("model.preset", "data.height", "data.width", "data.num_frames", "data.source", "t3"):
         _require(cfg, key, "set it in the experiment or on the command line")

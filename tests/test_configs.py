@@ -99,6 +99,23 @@ def test_default_config_is_a_cpu_smoke_run():
     assert cfg.model.preset == "tiny" and cfg.trainer.accelerator == "cpu" and facts.world_size == 1
 
 
+def test_entry_names_the_function_train_py_runs():
+    """Training unless the experiment names another (the demo); a function the module lacks is one line."""
+    from t3.config import TRAIN_ENTRY, entry_function
+    from t3.training.train import main as train_main
+
+    assert compose_train().entry == TRAIN_ENTRY and entry_function(TRAIN_ENTRY) is train_main
+    assert all(
+        compose_train(f"experiment={name}", "dry_run=true").entry == TRAIN_ENTRY
+        for name in EXPERIMENTS
+        if name != "demo"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^entry='t3.training.train:mian': t3.training.train has no function"
+    ):
+        entry_function("t3.training.train:mian")
+
+
 BAD = [
     # overrides, key the message must name, words it must contain
     (["data.num_frames=80"], "data.num_frames=80", "4k+1"),
@@ -119,6 +136,9 @@ BAD = [
     (["+data.train.num_sample=3"], "data.train.num_sample", "unknown argument"),
     (["validation.sigmas=[0.5,1.5]"], "validation.sigmas", "[0, 1]"),
     (["objective.loss_weighting=snr"], "objective.loss_weighting='snr'", "one of"),
+    # The function train.py runs: checked without importing it.
+    (["entry=t3.training.train"], "entry='t3.training.train'", "package.module:function"),
+    (["entry=t3.trainingg.train:main"], "entry='t3.trainingg.train:main'", "no module"),
     # Keys added with "+" (Hydra's own hint after an unknown-key error) to a schema group are refused.
     (["+optim.lrr=1e-4"], "optim.lrr", "unknown key"),
     (["+finetune.lora.ranks=8"], "finetune.lora.ranks", "unknown key"),

@@ -1,4 +1,5 @@
-"""Rectified-flow objective, training timestep distributions, loss weights and samplers for Wan-style models.
+"""Rectified-flow objective, training timestep distributions, loss weights, per-sample seeds, the held-out
+loss at fixed noise, and samplers for Wan-style models.
 
 ``sigma`` in ``[0, 1]`` is the noise level (0 = data, 1 = noise), ``x_t = (1 - sigma) x0 + sigma eps``,
 the model predicts ``eps - x0`` and is fed ``timestep = sigma * num_train_timesteps``.

@@ -317,7 +317,9 @@ class T3FinetuneModule(L.LightningModule):
         batch_size = len(x0)
         for sigma, loss in zip(sigmas, losses, strict=True):
             self.log(f"val/loss_sigma_{sigma:g}", loss, sync_dist=True, on_epoch=True, batch_size=batch_size)
-        self.log("val/loss", losses.mean(), sync_dist=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(
+            "val/loss", losses.mean(), sync_dist=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
 
     # --- optimisation ------------------------------------------------------------------------------------
 

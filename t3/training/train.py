@@ -40,7 +40,7 @@ from t3.training.checkpoints import (
     training_digest,
 )
 
-__all__ = ["train"]
+__all__ = ["main", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,13 @@ def train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict[
             cfg, "completed", started, metrics=metrics, checkpoint=exported, step=step, earlier=earlier
         )
     return metrics, objects
+
+
+def main(cfg: DictConfig) -> float | None:
+    """The ``entry`` of a training config (``python train.py experiment=...``): `train`, then the final
+    ``train/loss``, the value a Hydra sweeper minimises."""
+    metrics, _ = train(cfg)
+    return metrics.get("train/loss")
 
 
 def _finished_summary(run_dir: str | Path, step: int) -> dict[str, Any] | None:
