@@ -225,7 +225,8 @@ def pretrain(cfg: DictConfig, demo: DemoConfig) -> tuple[Path, dict[str, Any]]:
 
 
 def finetune(cfg: DictConfig, pretrained: Path, attention: str) -> tuple[Path, dict[str, Any]]:
-    """Stage 2: ``attention`` (``t3`` or ``dense``) fine-tuned at the high resolution from ``pretrained``.
+    """Stages 2 and 3: ``attention`` (``t3``, or ``dense``: the control) fine-tuned at the high resolution
+    from ``pretrained``.
 
     Returns:
         ``(export folder, info)`` with ``run_dir``, ``export``, ``steps``, ``seconds`` and, if the run
