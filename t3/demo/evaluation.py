@@ -173,7 +173,7 @@ def evaluate(
     dit_config = dict(models["dense_before_ft"].config)
     for key, (height, width) in sizes.items():
         latent_shape = spec.latent_shape(frames, height, width)
-        grid = spec.token_grid(latent_shape)
+        grid = spec.video_token_grid(frames, height, width)
         logger.info("timing one DiT forward at %dx%dx%d (grid %s): dense vs T3", height, width, frames, grid)
         # The weights do not change the cost: one model of each attention is timed.
         seconds = step_latency(

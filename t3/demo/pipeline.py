@@ -22,11 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
-from tqdm import tqdm
 
 from t3.config import TRAIN_ENTRY, ConfigError, validate
 from t3.demo.evaluation import evaluate
@@ -143,36 +140,12 @@ def finetune_config(cfg: DictConfig, pretrained: Path | str, attention: str) -> 
 # --- stages 1 and 2: training -----------------------------------------------------------------------------
 
 
-class _StepProgress(Callback):
-    """A tqdm bar over optimizer steps with the latest loss (train() turns Lightning's own bar off)."""
-
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
-        self.bar: tqdm | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=self.desc, leave=False)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(trainer.global_step - self.bar.n)
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _run_training(cfg: DictConfig, desc: str) -> tuple[Path, dict[str, float]]:
-    """`t3.training.train` on ``cfg``; returns the diffusers export folder and the final metrics."""
+def _run_training(cfg: DictConfig) -> tuple[Path, dict[str, float]]:
+    """`t3.training.train` on ``cfg`` (its progress lines and bar included); returns the diffusers export
+    folder and the final metrics."""
     from t3.training import train
 
-    metrics, _ = train(cfg, callbacks=[_StepProgress(desc)])
+    metrics, _ = train(cfg)
     return Path(cfg.run_dir) / "export" / "diffusers", metrics
 
 
@@ -209,7 +182,7 @@ def pretrain(cfg: DictConfig, demo: DemoConfig) -> tuple[Path, dict[str, Any]]:
         pre.steps,
         run_dir,
     )
-    export, _ = _run_training(pre_cfg, "pretrain (dense, low res)")
+    export, _ = _run_training(pre_cfg)
     info = {
         "key": run_dir.name.removeprefix("pretrain-"),
         "run_dir": str(run_dir),
@@ -249,7 +222,7 @@ def finetune(cfg: DictConfig, pretrained: Path, attention: str) -> tuple[Path, d
         pretrained,
     )
     start = time.perf_counter()
-    export, metrics = _run_training(ft_cfg, f"fine-tune ({attention}, high res)")
+    export, metrics = _run_training(ft_cfg)
     info = {
         "run_dir": str(run_dir),
         "export": str(export),
