@@ -1,7 +1,7 @@
 """t3: retrofit pretrained video diffusion transformers for native 4K with T3 window attention."""
 
 from t3.attention import Schedule, WindowPlan, get_schedule, t3_attention
-from t3.swap import transform, untransform
+from t3.transform import transform, untransform
 
 __version__ = "0.1.0"
 

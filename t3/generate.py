@@ -47,7 +47,7 @@ from t3.models import (
     get_spec,
     load_text_encoder,
 )
-from t3.swap import schedule_of, token_grid
+from t3.transform import schedule_of, token_grid
 from t3.video_io import write_video
 
 __all__ = [

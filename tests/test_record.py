@@ -17,7 +17,7 @@ from t3.attention import get_schedule
 from t3.models import load_dit, read_record, save_dit
 from t3.models.record import RECORD_KEY, SCHEMA_VERSION, ScheduleConflictError, T3Record
 from t3.models.tiny import TINY_TEXT_DIM, tiny_dit
-from t3.swap import schedule_of
+from t3.transform import schedule_of
 
 RECORD = T3Record(
     schedule=get_schedule("dense"),

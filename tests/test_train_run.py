@@ -91,7 +91,7 @@ def test_train_tiny_cpu_logs_checkpoints_and_exports(tmp_path, cache_dir):
     # record of what they were trained with: load_dit applies its schedule.
     from t3.models import read_record
     from t3.summary import read_run_summary
-    from t3.swap import schedule_of
+    from t3.transform import schedule_of
 
     trained = {k: v for k, v in objects["module"].dit.state_dict().items()}
     for fmt in ("diffusers", "wan"):

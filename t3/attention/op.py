@@ -96,7 +96,7 @@ def grouped_attention(
 ) -> torch.Tensor:
     """`t3_attention` after its checks: attention inside the groups of a prebuilt `GroupIndex`.
 
-    For callers that build each layer's index once, outside the traced code: `t3.swap` does, so
+    For callers that build each layer's index once, outside the traced code: `t3.transform` does, so
     that ``torch.compile`` sees fixed index maps instead of tracing their construction. ``q``, ``k``,
     ``v`` must match ``index.grid`` (not checked here); the other arguments are `t3_attention`'s.
     """

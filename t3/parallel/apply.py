@@ -35,7 +35,7 @@ from t3.parallel.assignment import DEFAULT_MAX_IMBALANCE, POLICIES
 from t3.parallel.attention import sequence_parallel_attention
 from t3.parallel.comm import ProcessGroup, gather_tokens
 from t3.parallel.layout import ALIGNS, ShardLayout, shard_layout
-from t3.swap import T3AttnProcessor, schedule_of, token_grid
+from t3.transform import T3AttnProcessor, schedule_of, token_grid
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,9 @@
 """The T3 transform: swap the self-attention processor of a diffusers Wan DiT for T3 attention.
 
+`transform` and `untransform` are the package's public API, exported as ``t3.transform`` and
+``t3.untransform``; the package attribute ``t3.transform`` is therefore the function, and the other
+names of this module are imported from it by name (``from t3.transform import T3AttnProcessor``).
+
 `transform(model, schedule)` sets a `T3AttnProcessor` on every ``blocks.{i}.attn1`` and registers a
 forward pre-hook on the transformer that records the post-patch token grid ``(T, H, W)`` of each
 input, because diffusers' Wan blocks never pass the grid down to their attention. Nothing else

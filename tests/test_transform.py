@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from diffusers import WanTransformer3DModel
 from torch._dynamo.testing import CompileCounter
 
 import t3
-import t3.swap
 from t3.attention import PlanError, build_schedule
 from t3.attention.reference import t3_attention_reference
 from t3.models.tiny import TINY_DIT_CONFIG
-from t3.swap import T3AttnProcessor, schedule_of
+from t3.transform import T3AttnProcessor, schedule_of
+
+# `t3.transform` is the function (the package exports it); its module holds the processor and helpers.
+transform_module = importlib.import_module("t3.transform")
 
 TINY = TINY_DIT_CONFIG  # 2 heads x 12, 5 layers, 4 latent channels, text_dim 16
 # One period of 5 layer rules on the grid (3, 4, 6) of a [B, 4, 3, 8, 12] latent, with padding.
@@ -54,7 +57,7 @@ def test_t3_schedule_equals_masked_dense_reference_model(model, monkeypatch):
     def reference(q, k, v, index, backend, **_):
         return t3_attention_reference(q, k, v, index.grid, index.plan, index.branches)
 
-    monkeypatch.setattr(t3.swap, "grouped_attention", reference)
+    monkeypatch.setattr(transform_module, "grouped_attention", reference)
     torch.testing.assert_close(model(x, t, text).sample, out, atol=1e-5, rtol=1e-5)
 
 
@@ -134,13 +137,13 @@ def test_tokens_per_call_reaches_every_layer_and_keeps_the_output(model, monkeyp
     t3.transform(model, MIXED, tokens_per_call=5)  # runs of single groups where groups exceed 5 slots
     assert {attn.processor.tokens_per_call for attn in (b.attn1 for b in model.blocks)} == {5}
     seen = []
-    real = t3.swap.grouped_attention
+    real = transform_module.grouped_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs["tokens_per_call"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(t3.swap, "grouped_attention", spy)
+    monkeypatch.setattr(transform_module, "grouped_attention", spy)
     torch.testing.assert_close(model(x, t, text).sample, out, atol=1e-5, rtol=1e-5)
     assert seen == [5] * len(model.blocks)
     with pytest.raises(ValueError, match="tokens_per_call must be a positive integer or None, got 0"):
