@@ -12,7 +12,7 @@ Part 1 is exact arithmetic on the real grids (no model, no GPU): for Wan2.1-T2V-
   boundaries (where the per-token work of the whole model is then imbalanced too);
 - per training step (30 layers, forward; the backward moves the same bytes again): bytes and attention
   MACs per rank, and the activation memory per GPU (bf16, micro-batch 1, per-block checkpointing) next to
-  one GPU's (`t3.training.plan.activation_memory`): block inputs and one recomputed block on the rank's
+  one GPU's (`t3.memory.activation_memory`): block inputs and one recomputed block on the rank's
   ``L / sp`` tokens, its attention held as the exchange buffers ``4 D e (rows sent + received)``;
 - the time to build rank 0's exchange plans for one period at 4K (measured: the first-step cost).
 
@@ -45,11 +45,11 @@ import torch
 from t3.attention import get_schedule
 from t3.attention.schedule import WAN21_4K_GRID, WAN22_4K_GRID
 from t3.io import atomic_path, write_text_atomic
+from t3.memory import activation_memory
 from t3.models.presets import dit_config
 from t3.parallel import exchange_plan, layer_candidates, shard_layout
 from t3.parallel.cost import LayerCost, schedule_costs
 from t3.profiling import device_name
-from t3.training.plan import activation_memory
 
 GIB, GB = 2**30, 1e9
 BF16 = 2

@@ -7,7 +7,7 @@ minutes later without a message:
 * `inference_memory`: one DiT forward without autograd (a sampler step, ``stage=speed``'s DiT step);
   checked by generation and the speed stage (`check_inference_memory`);
 * `state_memory`, `activation_memory` (`MemoryEstimate`): model state and activations per GPU of a
-  training step; the dry run (`t3.training.plan`) reports them against a GPU size, with the fewest
+  training step; the dry run (`t3.training.dry_run`) reports them against a GPU size, with the fewest
   GPUs that fit and the host memory that offloading needs;
 * `available_memory`: what a device has free: CUDA's free memory, or on a CPU the host's available
   memory within the job's cgroup limit (a SLURM allocation).

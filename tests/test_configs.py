@@ -43,18 +43,18 @@ def test_experiments_exist():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_builds_on_meta(name):
-    from t3.training.plan import build_plan
+    from t3.training.dry_run import build_dry_run
 
     cfg = compose_train(f"experiment={name}", "dry_run=true")
     facts = validate(cfg)
-    plan = build_plan(cfg, facts)
-    params = list(plan.dit.parameters())
+    run = build_dry_run(cfg, facts)
+    params = list(run.dit.parameters())
     assert params and all(p.device == torch.device("meta") for p in params)
-    assert plan.num_trainable == sum(p.numel() for p in params if p.requires_grad) > 0
-    assert len(plan.dit.blocks) == facts.num_layers
-    assert plan.macs_t3.total <= plan.macs_dense.total
+    assert run.num_trainable == sum(p.numel() for p in params if p.requires_grad) > 0
+    assert len(run.dit.blocks) == facts.num_layers
+    assert run.macs_t3.total <= run.macs_dense.total
     assert cfg.batch.global_size == facts.accumulate * cfg.batch.micro_size * facts.world_size
-    assert plan.optimizer.param_groups[0]["lr"] == cfg.optim.lr
+    assert run.optimizer.param_groups[0]["lr"] == cfg.optim.lr
 
 
 PAPER = {
@@ -276,12 +276,12 @@ def test_dry_run_cli_t3_4k_needs_no_weights(tmp_path):
 
 def test_dry_run_metrics_and_memory_formulas():
     from t3.config import StrategyConfig
+    from t3.memory import state_memory
     from t3.training import train
-    from t3.training.plan import state_memory
 
     cfg = compose_train("experiment=t3_4k_lora", "dry_run=true", "dry_run_num_gpus=4")
     metrics, objects = train(cfg)
-    plan = objects["plan"]
+    run = objects["dry_run"]
     assert metrics["dry_run/tokens_per_sample"] == 21 * 136 * 240
     assert metrics["dry_run/attention_macs_dense"] / metrics["dry_run/attention_macs_t3"] == pytest.approx(
         72.8, abs=0.05
@@ -289,9 +289,9 @@ def test_dry_run_metrics_and_memory_formulas():
     # LoRA r=64 on q,k,v,o of both attentions and the two FFN linears of 30 blocks: r * (in + out) each.
     d, f = 1536, 8960
     expected = 30 * 64 * (8 * (d + d) + (d + f) + (f + d))
-    assert plan.num_trainable == expected
+    assert run.num_trainable == expected
     # ZeRO-2, bf16: 2P replicated, (2T + 12T) / N.
-    p, t = plan.num_params, plan.num_trainable
+    p, t = run.num_params, run.num_trainable
     assert metrics["dry_run/params_gib_per_gpu"] * 2**30 == pytest.approx(2 * p)
     assert metrics["dry_run/grads_gib_per_gpu"] * 2**30 == pytest.approx(2 * t / 4)
     assert metrics["dry_run/optimizer_gib_per_gpu"] * 2**30 == pytest.approx(12 * t / 4)
@@ -377,12 +377,12 @@ def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
     from t3.config import StrategyConfig
     from t3.memory import GIB, state_memory
     from t3.training import train
-    from t3.training.plan import format_plan
+    from t3.training.dry_run import format_dry_run
 
     cfg = compose_train("experiment=t3_4k", "dry_run=true", "dry_run_num_gpus=8")
     metrics, objects = train(cfg)
-    plan = objects["plan"]
-    m = plan.memory
+    run = objects["dry_run"]
+    m = run.memory
     assert metrics["dry_run/fits"] == 1.0
     assert metrics["dry_run/gpu_margin_gib"] == pytest.approx(80 - m.gpu_total / GIB)
     # ZeRO-3 shards the state over the GPUs; activations stay: the fewest GPUs whose total fits 80 GiB.
@@ -390,8 +390,8 @@ def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
 
     def total(n: int) -> float:
         state = state_memory(
-            num_params=plan.num_params,
-            num_trainable=plan.num_trainable,
+            num_params=run.num_params,
+            num_trainable=run.num_trainable,
             strategy=zero3,
             world_size=n,
             bf16=True,
@@ -403,7 +403,7 @@ def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
     # Activation offload pins the block inputs of every GPU of a node in host memory.
     assert m.activations_cpu > 0
     assert metrics["dry_run/pinned_host_gib_per_node"] == pytest.approx(8 * m.activations_cpu / GIB)
-    text = format_plan(cfg, plan)
+    text = format_dry_run(cfg, run)
     assert (
         f"verdict: fits in 80 GiB per GPU (dry_run_gpu_memory_gib) with {80 - m.gpu_total / GIB:.2f} GiB"
         in text
@@ -417,7 +417,7 @@ def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
 
     small = compose_train("experiment=t3_4k", "dry_run=true", "dry_run_gpu_memory_gib=40")
     metrics, objects = train(small)
-    text = format_plan(small, objects["plan"])
+    text = format_dry_run(small, objects["dry_run"])
     assert metrics["dry_run/fits"] == 0.0 and math.isnan(metrics["dry_run/fewest_gpus"])
     assert (
         f"does NOT fit in 40 GiB per GPU (dry_run_gpu_memory_gib): {m.gpu_total / GIB - 40:.2f} GiB over"
@@ -429,17 +429,17 @@ def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
 def test_dry_run_counts_the_cheaper_backward_of_frozen_weights():
     """LoRA and attention-only runs skip the weight gradients of frozen layers: fewer FLOPs per step."""
     from t3.training import train
-    from t3.training.plan import training_macs_per_sample
+    from t3.training.dry_run import training_macs_per_sample
 
     speeds = {}
     for trainable in ("all", "attention", "lora"):
         cfg = compose_train("experiment=t3_4k_lora", "dry_run=true", f"finetune.trainable={trainable}")
         metrics, objects = train(cfg)
         speeds[trainable] = metrics["dry_run/tokens_per_s_t3"]
-        plan = objects["plan"]
+        run = objects["dry_run"]
     assert speeds["all"] < speeds["attention"] and speeds["all"] < speeds["lora"]
     # LoRA: base linears one forward in backward (input gradients), attention products and adapters two.
-    macs = plan.macs_t3
+    macs = run.macs_t3
     weightless = macs.self_attention + macs.cross_attention
     d, f, r, tokens, text = 1536, 8960, 64, 21 * 136 * 240, 512
     adapters = (
@@ -452,7 +452,7 @@ def test_dry_run_counts_the_cheaper_backward_of_frozen_weights():
         training_macs_per_sample(macs, trainable="lora", adapter_macs=adapters, checkpointing=True)
         == expected
     )
-    assert plan.speed_t3["flops_per_sample"] == 2 * expected
+    assert run.speed_t3["flops_per_sample"] == 2 * expected
 
 
 def test_activation_memory_scales_with_the_sequence_parallel_degree_only():

@@ -165,12 +165,12 @@ def test_demo_settings_are_typed_and_checked(tmp_path):
 
 def test_demo_experiment_builds_on_meta():
     """What tests/test_configs.py checks for every experiment (dry run on the meta device)."""
-    from t3.training.plan import build_plan
+    from t3.training.dry_run import build_dry_run
 
     cfg = compose_demo(Path("/nonexistent/t3-demo-root"), "dry_run=true")
     facts = validate(cfg)
-    plan = build_plan(cfg, facts)
-    assert plan.macs_t3.total <= plan.macs_dense.total and plan.num_trainable > 0
+    run = build_dry_run(cfg, facts)
+    assert run.macs_t3.total <= run.macs_dense.total and run.num_trainable > 0
 
 
 def _check_outputs(summary: dict[str, Any], out_dir: Path) -> None:

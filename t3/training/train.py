@@ -381,7 +381,7 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
     _setup_logging()
     facts = validate(cfg)
     if cfg.dry_run:
-        from t3.training.plan import dry_run
+        from t3.training.dry_run import dry_run
 
         return dry_run(cfg, facts)
 

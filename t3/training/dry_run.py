@@ -35,13 +35,11 @@ from t3.memory import GIB, MemoryEstimate, activation_memory, state_memory
 from t3.training.params import select_trainable
 
 __all__ = [
-    "MemoryEstimate",
-    "RunPlan",
-    "activation_memory",
-    "build_plan",
+    "DryRun",
+    "Verdict",
+    "build_dry_run",
     "dry_run",
-    "format_plan",
-    "state_memory",
+    "format_dry_run",
     "throughput",
     "training_macs_per_sample",
 ]
@@ -146,7 +144,7 @@ def _verdict(cfg: DictConfig, facts: RunFacts, memory: MemoryEstimate, state_at:
 
 
 @dataclass
-class RunPlan:
+class DryRun:
     """A run built on the meta device, with its cost model."""
 
     facts: RunFacts
@@ -164,7 +162,7 @@ class RunPlan:
     describe: str
 
 
-def build_plan(cfg: DictConfig, facts: RunFacts) -> RunPlan:
+def build_dry_run(cfg: DictConfig, facts: RunFacts) -> DryRun:
     """Build the DiT, T3 swap, trainable selection, strategy and optimizer on the meta device; cost them.
 
     Args:
@@ -249,7 +247,7 @@ def build_plan(cfg: DictConfig, facts: RunFacts) -> RunPlan:
         )
         for name, macs in (("dense", macs_dense), ("t3", macs_t3))
     }
-    return RunPlan(
+    return DryRun(
         facts=facts,
         dit=dit,
         num_params=summary.total,
@@ -278,9 +276,9 @@ def _strategy_name(cfg: DictConfig) -> str:
     return f"DeepSpeed ZeRO-{s.zero_stage}{extra}"
 
 
-def _verdict_lines(cfg: DictConfig, plan: RunPlan) -> list[str]:
+def _verdict_lines(cfg: DictConfig, run: DryRun) -> list[str]:
     """Does it fit, on how many GPUs, and what the hosts need."""
-    v, m, world = plan.verdict, plan.memory, plan.facts.world_size
+    v, m, world = run.verdict, run.memory, run.facts.world_size
     gpu = f"{v.gpu_bytes / GIB:g} GiB per GPU (dry_run_gpu_memory_gib)"
     if v.fits:
         lines = [
@@ -327,25 +325,25 @@ def _verdict_lines(cfg: DictConfig, plan: RunPlan) -> list[str]:
     return lines
 
 
-def format_plan(cfg: DictConfig, plan: RunPlan) -> str:
+def format_dry_run(cfg: DictConfig, run: DryRun) -> str:
     """The dry-run report as text."""
-    f = plan.facts
+    f = run.facts
     tokens = math.prod(f.grid)
-    m = plan.memory
-    d, t = plan.macs_dense, plan.macs_t3
+    m = run.memory
+    d, t = run.macs_dense, run.macs_t3
     lines = [
         f"dry run of {cfg.experiment_name}: {f.preset}, {cfg.data.height}x{cfg.data.width}x{cfg.data.num_frames} "
         f"-> latents {f.latent_shape} -> token grid {f.grid}",
         f"tokens per sample: {tokens:,} video + 512 text",
-        f"parameters: {plan.num_params:,} ({plan.num_trainable:,} trainable, finetune.trainable={cfg.finetune.trainable})",
+        f"parameters: {run.num_params:,} ({run.num_trainable:,} trainable, finetune.trainable={cfg.finetune.trainable})",
         f"batch: global {cfg.batch.global_size} = micro {cfg.batch.micro_size} x {f.world_size} GPUs x accumulate {f.accumulate}",
-        plan.describe,
+        run.describe,
         "MACs of one forward per sample (dense -> T3):",
         f"  self-attention: {d.self_attention:.3e} -> {t.self_attention:.3e} ({d.self_attention / t.self_attention:.1f}x less)",
         f"  whole DiT:      {d.total:.3e} -> {t.total:.3e} ({d.total / t.total:.2f}x less)",
         f"  per training step (global batch, fwd+bwd{'+recompute' if cfg.finetune.gradient_checkpointing else ''}): "
-        f"{plan.speed_dense['flops_per_sample'] * cfg.batch.global_size:.3e} -> "
-        f"{plan.speed_t3['flops_per_sample'] * cfg.batch.global_size:.3e} FLOPs",
+        f"{run.speed_dense['flops_per_sample'] * cfg.batch.global_size:.3e} -> "
+        f"{run.speed_t3['flops_per_sample'] * cfg.batch.global_size:.3e} FLOPs",
         f"memory per GPU ({_strategy_name(cfg)}, {f.world_size} GPUs, {cfg.trainer.precision}):",
         f"  parameters {m.params / GIB:8.2f} GiB   gradients {m.grads / GIB:8.2f} GiB   optimizer {m.optimizer / GIB:8.2f} GiB"
         + (f"   (CPU offload {m.cpu_offloaded / GIB:.2f} GiB)" if m.cpu_offloaded else ""),
@@ -358,39 +356,39 @@ def format_plan(cfg: DictConfig, plan: RunPlan) -> str:
         )
         + ")",
         f"  total      {m.gpu_total / GIB:8.2f} GiB (estimate; see t3/memory.py for the formulas)",
-        *_verdict_lines(cfg, plan),
+        *_verdict_lines(cfg, run),
         f"throughput at {cfg.dry_run_tflops:g} TFLOP/s per GPU (dense -> T3):",
-        f"  step time  {plan.speed_dense['step_time_s']:.1f} s -> {plan.speed_t3['step_time_s']:.1f} s",
-        f"  tokens/s   {plan.speed_dense['tokens_per_s']:,.0f} -> {plan.speed_t3['tokens_per_s']:,.0f} "
-        f"({plan.speed_t3['tokens_per_s_per_gpu']:,.0f} per GPU with T3)",
-        f"  {cfg.trainer.max_steps} steps: {cfg.trainer.max_steps * plan.speed_dense['step_time_s'] / 3600:.1f} h dense -> "
-        f"{cfg.trainer.max_steps * plan.speed_t3['step_time_s'] / 3600:.1f} h with T3",
+        f"  step time  {run.speed_dense['step_time_s']:.1f} s -> {run.speed_t3['step_time_s']:.1f} s",
+        f"  tokens/s   {run.speed_dense['tokens_per_s']:,.0f} -> {run.speed_t3['tokens_per_s']:,.0f} "
+        f"({run.speed_t3['tokens_per_s_per_gpu']:,.0f} per GPU with T3)",
+        f"  {cfg.trainer.max_steps} steps: {cfg.trainer.max_steps * run.speed_dense['step_time_s'] / 3600:.1f} h dense -> "
+        f"{cfg.trainer.max_steps * run.speed_t3['step_time_s'] / 3600:.1f} h with T3",
     ]
     return "\n".join(lines)
 
 
 def dry_run(cfg: DictConfig, facts: RunFacts) -> tuple[dict[str, float], dict[str, Any]]:
-    """Build the plan, log the report, return ``(metrics, objects)`` like `t3.training.train`."""
-    plan = build_plan(cfg, facts)
-    logger.info("\n%s", format_plan(cfg, plan))
+    """Build the dry run, log its report, return ``(metrics, objects)`` like `t3.training.train`."""
+    run = build_dry_run(cfg, facts)
+    logger.info("\n%s", format_dry_run(cfg, run))
     metrics = {
         "dry_run/tokens_per_sample": float(math.prod(facts.grid)),
-        "dry_run/macs_dense": float(plan.macs_dense.total),
-        "dry_run/macs_t3": float(plan.macs_t3.total),
-        "dry_run/attention_macs_dense": float(plan.macs_dense.self_attention),
-        "dry_run/attention_macs_t3": float(plan.macs_t3.self_attention),
-        "dry_run/params_gib_per_gpu": plan.memory.params / GIB,
-        "dry_run/grads_gib_per_gpu": plan.memory.grads / GIB,
-        "dry_run/optimizer_gib_per_gpu": plan.memory.optimizer / GIB,
-        "dry_run/activations_gib_per_gpu": plan.memory.activations / GIB,
-        "dry_run/total_gib_per_gpu": plan.memory.gpu_total / GIB,
-        "dry_run/tokens_per_s_t3": plan.speed_t3["tokens_per_s"],
-        "dry_run/tokens_per_s_dense": plan.speed_dense["tokens_per_s"],
-        "dry_run/num_trainable": float(plan.num_trainable),
-        "dry_run/fits": float(plan.verdict.fits),
-        "dry_run/gpu_margin_gib": plan.verdict.margin / GIB,
-        "dry_run/fewest_gpus": float(plan.verdict.fewest_gpus or "nan"),
-        "dry_run/host_gib_per_node": plan.verdict.host_per_node / GIB,
-        "dry_run/pinned_host_gib_per_node": plan.verdict.pinned_per_node / GIB,
+        "dry_run/macs_dense": float(run.macs_dense.total),
+        "dry_run/macs_t3": float(run.macs_t3.total),
+        "dry_run/attention_macs_dense": float(run.macs_dense.self_attention),
+        "dry_run/attention_macs_t3": float(run.macs_t3.self_attention),
+        "dry_run/params_gib_per_gpu": run.memory.params / GIB,
+        "dry_run/grads_gib_per_gpu": run.memory.grads / GIB,
+        "dry_run/optimizer_gib_per_gpu": run.memory.optimizer / GIB,
+        "dry_run/activations_gib_per_gpu": run.memory.activations / GIB,
+        "dry_run/total_gib_per_gpu": run.memory.gpu_total / GIB,
+        "dry_run/tokens_per_s_t3": run.speed_t3["tokens_per_s"],
+        "dry_run/tokens_per_s_dense": run.speed_dense["tokens_per_s"],
+        "dry_run/num_trainable": float(run.num_trainable),
+        "dry_run/fits": float(run.verdict.fits),
+        "dry_run/gpu_margin_gib": run.verdict.margin / GIB,
+        "dry_run/fewest_gpus": float(run.verdict.fewest_gpus or "nan"),
+        "dry_run/host_gib_per_node": run.verdict.host_per_node / GIB,
+        "dry_run/pinned_host_gib_per_node": run.verdict.pinned_per_node / GIB,
     }
-    return metrics, {"cfg": cfg, "plan": plan}
+    return metrics, {"cfg": cfg, "dry_run": run}
