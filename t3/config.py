@@ -1003,7 +1003,7 @@ def _check_data_paths(cfg: DictConfig, spec: Any) -> None:
 
 def _check_weights(cfg: DictConfig) -> None:
     model = cfg.model
-    # init_from, else dit_path, else random_init (t3.training.module.build_dit): a path that is set is used,
+    # init_from, else dit_path, else random_init (t3.training.finetune.build_dit): a path that is set is used,
     # so it must exist even where random_init would apply without it.
     if model.init_from is not None:
         source_key = "model.init_from"

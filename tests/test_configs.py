@@ -274,6 +274,32 @@ def test_dry_run_cli_t3_4k_needs_no_weights(tmp_path):
         assert words in out, words
 
 
+@pytest.mark.parametrize("trainable", ["attention", "lora"])
+def test_training_and_the_dry_run_prepare_the_same_dit(trainable):
+    """One function swaps T3 in and selects the trainable weights (LoRA settings included) for both."""
+    from t3.training.dry_run import build_dry_run
+    from t3.training.module import T3FinetuneModule
+    from t3.transform import schedule_of
+
+    lora = ["finetune.lora.rank=3", "finetune.lora.alpha=6", "finetune.lora.target_modules=[to_q,ffn.net.2]"]
+    cfg = compose_train(f"finetune.trainable={trainable}", *lora)
+    facts = validate(cfg)
+    dry = build_dry_run(cfg, facts)
+    module = T3FinetuneModule(
+        model=OmegaConf.to_object(cfg.model), schedule=facts.schedule, finetune=OmegaConf.to_object(cfg.finetune),
+        optim=OmegaConf.to_object(cfg.optim), objective=OmegaConf.to_object(cfg.objective),
+        validation=OmegaConf.to_object(cfg.validation), max_steps=1, seed=0,
+    )  # fmt: skip
+    module.configure_model()
+    trained = {n for n, p in module.dit.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in dry.dit.named_parameters() if p.requires_grad}
+    assert (module.trainable_summary.trainable, module.trainable_summary.total) == (
+        dry.num_trainable,
+        dry.num_params,
+    )
+    assert schedule_of(module.dit) is schedule_of(dry.dit) is facts.schedule
+
+
 def test_dry_run_metrics_and_memory_formulas():
     from t3.config import StrategyConfig
     from t3.memory import state_memory

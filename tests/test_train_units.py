@@ -10,8 +10,8 @@ import torch
 from t3.config import OptimConfig, StrategyConfig
 from t3.diffusion import sample_seed
 from t3.training.datamodule import StepSampler
+from t3.training.finetune import merge_lora_state_dict, select_trainable
 from t3.training.optim import build_lr_scheduler, lr_factor
-from t3.training.params import merge_lora_state_dict, select_trainable
 from t3.training.strategies import deepspeed_config
 
 

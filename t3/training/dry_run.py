@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from t3.attention.flops import MacBreakdown, dit_macs
 from t3.config import FinetuneConfig, ModelConfig, RunFacts, StrategyConfig
 from t3.memory import GIB, MemoryEstimate, activation_memory, state_memory
-from t3.training.params import select_trainable
+from t3.training.finetune import build_dit, prepare_for_finetuning
 
 __all__ = [
     "DryRun",
@@ -169,31 +169,22 @@ def build_dry_run(cfg: DictConfig, facts: RunFacts) -> DryRun:
         cfg: A validated training config.
         facts: What `t3.config.validate` derived from it.
     """
-    import t3
     from t3.models import get_spec
-    from t3.training.module import build_dit
     from t3.training.optim import build_optimizer
     from t3.training.strategies import build_strategy
 
     # Only the architecture is needed: weight paths may still be ??? in a dry run.
-    model_cfg = ModelConfig(preset=cfg.model.preset, attention_backend=cfg.model.attention_backend)
+    model_cfg = ModelConfig(
+        preset=cfg.model.preset,
+        attention_backend=cfg.model.attention_backend,
+        attention_tokens_per_call=cfg.model.attention_tokens_per_call,
+    )
     finetune: FinetuneConfig = OmegaConf.to_object(cfg.finetune)  # type: ignore[assignment]
     strategy_cfg: StrategyConfig = OmegaConf.to_object(cfg.strategy)  # type: ignore[assignment]
     spec = get_spec(facts.preset)
 
     dit = build_dit(model_cfg, device="meta")
-    t3.transform(dit, facts.schedule, backend=model_cfg.attention_backend)
-    lora = finetune.lora
-    summary = select_trainable(
-        dit,
-        finetune.trainable,
-        lora={
-            "rank": lora.rank,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
-            "target_modules": list(lora.target_modules),
-        },
-    )
+    summary = prepare_for_finetuning(dit, facts.schedule, model_cfg, finetune)
     optimizer = build_optimizer(dit.parameters(), OmegaConf.to_object(cfg.optim))  # type: ignore[arg-type]
     strategy = build_strategy(
         strategy_cfg,

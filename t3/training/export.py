@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from t3.training.params import merge_lora_state_dict
+from t3.training.finetune import merge_lora_state_dict
 
 __all__ = ["export_dit", "gather_state_dict"]
 

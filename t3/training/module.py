@@ -39,44 +39,16 @@ from t3.diffusion import (
     heldout_loss,
     sample_seed,
 )
+from t3.training.finetune import TrainableSummary, build_dit, prepare_for_finetuning
 from t3.training.optim import build_lr_scheduler, build_optimizer
-from t3.training.params import TrainableSummary, select_trainable
 
-__all__ = ["NonFiniteLossError", "T3FinetuneModule", "build_dit"]
+__all__ = ["NonFiniteLossError", "T3FinetuneModule"]
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive micro-batches with a NaN or infinite loss."""
-
-
-def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
-    """The DiT of a ``model`` config: ``init_from``, else ``dit_path``, else random (``random_init``).
-
-    Args:
-        cfg: The model config.
-        device: ``"meta"`` builds the architecture without memory (dry run, config tests).
-    """
-    from diffusers import WanTransformer3DModel
-
-    from t3.models import dit_config, load_dit
-
-    if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            return WanTransformer3DModel(**dit_config(cfg.preset))
-    # Plain weights: the module transforms them with the run's schedule (configure_model).
-    if cfg.init_from is not None:
-        logger.info("loading the DiT from %s (init_from)", cfg.init_from)
-        return load_dit(cfg.init_from, preset=cfg.preset, transform=False)
-    if cfg.dit_path is not None:
-        return load_dit(cfg.dit_path, preset=cfg.preset, transform=False)
-    if not cfg.random_init:
-        raise ValueError("model.dit_path, model.init_from or model.random_init=true is required")
-    logger.warning("model.random_init: training a randomly initialised %s DiT", cfg.preset)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return WanTransformer3DModel(**dit_config(cfg.preset))
 
 
 class T3FinetuneModule(L.LightningModule):
@@ -160,26 +132,8 @@ class T3FinetuneModule(L.LightningModule):
         if self.dit is not None:  # Lightning may call this more than once
             return
         dit = build_dit(self.model_cfg)
-        t3.transform(
-            dit,
-            self.schedule,
-            backend=self.model_cfg.attention_backend,
-            tokens_per_call=self.model_cfg.attention_tokens_per_call,
-            # Fine-tuning for a schedule is the point: weights recorded with another one are only logged.
-            allow_schedule_change=True,
-        )
-        ft = self.finetune
-        self.trainable_summary = select_trainable(
-            dit,
-            ft.trainable,
-            lora={
-                "rank": ft.lora.rank,
-                "alpha": ft.lora.alpha,
-                "dropout": ft.lora.dropout,
-                "target_modules": list(ft.lora.target_modules),
-            },
-        )
-        if ft.gradient_checkpointing:
+        self.trainable_summary = prepare_for_finetuning(dit, self.schedule, self.model_cfg, self.finetune)
+        if self.finetune.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
         dit.train()
         if self.parallelize is not None and self._device_mesh is not None:

@@ -538,14 +538,14 @@ def _export(
     from t3.models.record import T3Record
     from t3.summary import config_digest
     from t3.training.callbacks import EMACallback
+    from t3.training.finetune import lora_scaling
 
     state = gather(trainer, module.dit)  # collective
     written: dict[str, Any] = {}
     if trainer.is_global_zero:
-        lora = cfg.finetune.lora
         common = {
             "formats": list(cfg.export.formats),
-            "lora_scaling": lora.alpha / lora.rank if cfg.finetune.trainable == "lora" else None,
+            "lora_scaling": lora_scaling(OmegaConf.to_object(cfg.finetune)),  # type: ignore[arg-type]
             "dtype": cfg.export.dtype,
             "preset": cfg.model.preset,
             # What the weights were trained with, beside them: eval.py and load_dit use its schedule.

@@ -1,26 +1,35 @@
-"""Which DiT weights are trained: all of them (the paper), self-attention only, or LoRA adapters.
+"""The DiT a run fine-tunes: built from the ``model`` config, T3-transformed, its trainable weights selected.
 
-`select_trainable` sets ``requires_grad`` in place and, for ``lora``, injects peft adapters first. T3 adds
-no parameters, so the same names apply before and after `t3.transform`. `merge_lora_state_dict` folds
-LoRA adapters back into their base weights under the plain ``WanTransformer3DModel`` names, so an adapted
-model exports exactly like a fully fine-tuned one.
+`prepare_for_finetuning` is what training (`t3.training.module`) and the dry run (`t3.training.dry_run`)
+both do to the DiT that `build_dit` returns: apply the run's T3 schedule and select the trainable weights
+(``finetune.trainable``: all of them, the paper; self-attention only; or LoRA adapters with the
+``finetune.lora`` settings). `select_trainable` sets ``requires_grad`` in place and, for ``lora``, injects
+peft adapters first. T3 adds no parameters, so the same names apply before and after `t3.transform`.
+`merge_lora_state_dict` folds LoRA adapters back into their base weights under the plain
+``WanTransformer3DModel`` names, with `lora_scaling`, so an adapted model exports exactly like a fully
+fine-tuned one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+import t3
+from t3.config import FinetuneConfig, ModelConfig
+
 __all__ = [
     "SELF_ATTENTION_PROJECTIONS",
     "TrainableSummary",
-    "has_lora",
+    "build_dit",
     "inject_lora",
+    "lora_scaling",
     "merge_lora_state_dict",
+    "prepare_for_finetuning",
     "select_trainable",
 ]
 
@@ -41,6 +50,69 @@ class TrainableSummary:
     def __str__(self) -> str:
         share = 100.0 * self.trainable / max(self.total, 1)
         return f"trainable={self.mode}: {self.trainable:,} of {self.total:,} parameters ({share:.2f}%)"
+
+
+def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
+    """The DiT of a ``model`` config: ``init_from``, else ``dit_path``, else random (``random_init``).
+
+    Args:
+        cfg: The model config.
+        device: ``"meta"`` builds the architecture without memory (dry run, config tests).
+    """
+    from diffusers import WanTransformer3DModel
+
+    from t3.models import dit_config, load_dit
+
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return WanTransformer3DModel(**dit_config(cfg.preset))
+    # Plain weights: `prepare_for_finetuning` transforms them with the run's schedule.
+    if cfg.init_from is not None:
+        logger.info("loading the DiT from %s (init_from)", cfg.init_from)
+        return load_dit(cfg.init_from, preset=cfg.preset, transform=False)
+    if cfg.dit_path is not None:
+        return load_dit(cfg.dit_path, preset=cfg.preset, transform=False)
+    if not cfg.random_init:
+        raise ValueError("model.dit_path, model.init_from or model.random_init=true is required")
+    logger.warning("model.random_init: training a randomly initialised %s DiT", cfg.preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return WanTransformer3DModel(**dit_config(cfg.preset))
+
+
+def prepare_for_finetuning(
+    dit: nn.Module, schedule: t3.Schedule, model: ModelConfig, finetune: FinetuneConfig
+) -> TrainableSummary:
+    """Swap T3 attention with ``schedule`` into ``dit`` and select what ``finetune`` trains (in place).
+
+    The one place that turns the ``model`` and ``finetune`` settings into the swap (attention backend,
+    slots per call) and the trainable weights (LoRA settings included), for training and the dry run alike.
+
+    Args:
+        dit: The DiT from `build_dit` (real or on the meta device).
+        schedule: The run's T3 schedule.
+        model: The ``model`` config (``attention_backend``, ``attention_tokens_per_call``).
+        finetune: The ``finetune`` config (``trainable``, ``lora``).
+
+    Returns:
+        The parameter counts.
+    """
+    t3.transform(
+        dit,
+        schedule,
+        backend=model.attention_backend,
+        tokens_per_call=model.attention_tokens_per_call,
+        # Fine-tuning for a schedule is the point: weights recorded with another one are only logged.
+        allow_schedule_change=True,
+    )
+    lora = asdict(finetune.lora)
+    lora["target_modules"] = list(lora["target_modules"])
+    return select_trainable(dit, finetune.trainable, lora=lora)
+
+
+def lora_scaling(finetune: FinetuneConfig) -> float | None:
+    """``alpha / rank`` of the run's LoRA adapters (what `merge_lora_state_dict` scales by); None without."""
+    return finetune.lora.alpha / finetune.lora.rank if finetune.trainable == "lora" else None
 
 
 def inject_lora(
@@ -108,13 +180,6 @@ def select_trainable(
     summary = TrainableSummary(mode, trainable, total)
     logger.info("%s", summary)
     return summary
-
-
-def has_lora(model: nn.Module) -> bool:
-    """True if peft LoRA layers were injected into ``model``."""
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 @torch.no_grad()
