@@ -1,22 +1,20 @@
 """`T3FinetuneModule`: fine-tune a pretrained Wan DiT after the T3 attention swap, with flow matching.
 
-``configure_model`` loads the DiT (pretrained, a stage-1 export, or random for tests), applies
-``t3.transform`` with the configured schedule, selects the trainable weights (all / self-attention /
-LoRA), turns on per-block gradient checkpointing and, under FSDP2, shards it. It is idempotent, as
-Lightning requires for sharded strategies. Parallelism itself is chosen by the ``strategy`` config
-(`t3.training.strategies`); nothing here branches on it except how a non-finite loss is skipped.
+``configure_model`` builds the DiT (pretrained, a stage-1 export, or random for tests) and prepares it
+for fine-tuning (`t3.training.finetune.prepare_for_finetuning`: the T3 swap with the configured schedule,
+the trainable weights), turns on per-block gradient checkpointing and, under FSDP2, shards it. It is
+idempotent, as Lightning requires for sharded strategies. Parallelism is chosen by the ``strategy``
+config; what differs per strategy at run time (how a skipped step is returned, the gradient norm) is
+asked of `t3.training.strategies`, so nothing here branches on it.
 
 Randomness is per sample: the noise level and noise of the sample at stream position ``p`` come from a
-generator seeded with ``(seed, p)`` (`t3.diffusion.sample_seed`; positions: `t3.training.datamodule`), so a global batch gives the same loss
-however it is split over GPUs and micro-batches, and a resumed run continues bit-identically on the CPU.
+generator seeded with ``(seed, p)`` (`t3.diffusion.sample_seed`; positions: `t3.training.datamodule`), so
+a global batch gives the same loss however it is split over GPUs and micro-batches, and a resumed run
+continues bit-identically on the CPU.
 
-Non-finite losses: every rank learns whether any rank saw one (one tiny all-reduce), so all ranks take
-the same branch. Without DeepSpeed, ``training_step`` returns None, Lightning skips the backward, and
-AdamW skips every parameter without a gradient: nothing moves. DeepSpeed refuses a None return
-(Lightning's DeepSpeed precision plugin raises), so there the non-finite loss is back-propagated and
-DeepSpeed's own check drops the step (ZeRO-1/2/3 skip any step whose gradient norm is not finite and
-clear the gradients). Either way the micro-batch is counted in ``train/num_skipped_nonfinite`` and,
-after ``max_consecutive_bad_steps`` in a row, training stops with `NonFiniteLossError`.
+Non-finite losses: every rank learns whether any rank saw one, so all ranks take the same branch, and the
+micro-batch is skipped (`t3.training.strategies.skipped_loss`), counted in ``train/num_skipped_nonfinite``
+and, after ``max_consecutive_bad_steps`` in a row, training stops with `NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from t3.diffusion import (
 )
 from t3.training.finetune import TrainableSummary, build_dit, prepare_for_finetuning
 from t3.training.optim import build_lr_scheduler, build_optimizer
+from t3.training.strategies import any_rank, deepspeed_gradient_norm, gradient_norm, skipped_loss
 
 __all__ = ["NonFiniteLossError", "T3FinetuneModule"]
 
@@ -180,10 +179,6 @@ class T3FinetuneModule(L.LightningModule):
 
     # --- training ----------------------------------------------------------------------------------------
 
-    def _any_rank(self, flag: bool) -> bool:
-        value = torch.tensor(1.0 if flag else 0.0, device=self.device)
-        return bool(self.trainer.strategy.reduce(value, reduce_op="sum") > 0)
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         x0, text = batch["latents"], batch["text"]
         sigma, noise = self._draw(batch["position"], x0)
@@ -197,7 +192,7 @@ class T3FinetuneModule(L.LightningModule):
                 num_train_timesteps=self.objective.num_train_timesteps,
                 weighting=self.weighting,
             )
-        bad = self._any_rank(not bool(torch.isfinite(loss.detach())))
+        bad = any_rank(self.trainer.strategy, not bool(torch.isfinite(loss.detach())), self.device)
         if bad:
             self.num_skipped_nonfinite += 1
             self.consecutive_bad += 1
@@ -219,16 +214,7 @@ class T3FinetuneModule(L.LightningModule):
                 f"{self.global_step}); stopping. Lower optim.lr, check the data, or resume from an earlier "
                 "checkpoint"
             )
-        if self._uses_deepspeed():
-            return (
-                loss  # DeepSpeed drops the step itself (non-finite gradient norm), see the module docstring
-            )
-        return None
-
-    def _uses_deepspeed(self) -> bool:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        return skipped_loss(self.trainer.strategy, loss)
 
     def _end_of_micro_batch(self, loss: torch.Tensor, bad: bool) -> None:
         """Collect micro-batch losses; on the step's last micro-batch log their mean over all ranks."""
@@ -286,28 +272,20 @@ class T3FinetuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping: the raw gradient norm (DeepSpeed keeps gradients inside its engine; see
-        # on_train_batch_end).
-        if self._uses_deepspeed() or self.dit is None:
+        # Before clipping: the raw gradient norm (None under DeepSpeed: see on_train_batch_end).
+        if self.dit is None:
             return
-        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]
-        if not grads:  # a skipped (non-finite) step
-            return
-        # FSDP2 gradients are DTensor shards over all ranks: sum the squares locally, then across ranks.
-        sharded = hasattr(grads[0], "to_local")
-        local = [g.to_local() if sharded else g for g in grads]
-        squares = torch.stack([g.detach().float().square().sum() for g in local]).sum()
-        if sharded:
-            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
-        self.log("train/grad_norm", squares.sqrt(), on_step=True, on_epoch=False, batch_size=1)
+        norm = gradient_norm(self.trainer.strategy, self.dit.parameters())
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # DeepSpeed computes the gradient norm inside its step; read it once per optimizer step.
-        if self._uses_deepspeed() and self.global_step != self._grad_norm_step:
+        if self.global_step != self._grad_norm_step:
             self._grad_norm_step = self.global_step
-            norm = self.trainer.model.get_global_grad_norm()
+            norm = deepspeed_gradient_norm(self.trainer)
             if norm is not None:
-                self.log("train/grad_norm", float(norm), on_step=True, on_epoch=False, batch_size=1)
+                self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     # --- checkpoint state --------------------------------------------------------------------------------
 

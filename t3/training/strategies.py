@@ -18,6 +18,21 @@ already; see `T3DeepSpeedStrategy.backward`), and defaults ``zero_init`` to off:
 the ordinary loaders, and ZeRO-3 partitions the parameters in ``deepspeed.initialize``. The full bf16
 DiT (2.6 GB for Wan2.1-1.3B, 10 GB for Wan2.2-5B) fits one GPU, so this costs only a transient copy and
 keeps weight loading identical across strategies.
+
+What differs per strategy at run time
+-------------------------------------
+The Lightning module and the export ask these functions instead of branching themselves:
+
+* `skipped_loss`: what ``training_step`` returns for a micro-batch whose loss is not finite (on any
+  rank: `any_rank`). Without DeepSpeed, None: Lightning skips the backward and AdamW skips every
+  parameter without a gradient, so nothing moves. DeepSpeed refuses a None return (Lightning's DeepSpeed
+  precision plugin raises), so there the non-finite loss is back-propagated and DeepSpeed's own check
+  drops the step (ZeRO-1/2/3 skip any step whose gradient norm is not finite and clear the gradients).
+* `gradient_norm` (before the optimizer step; FSDP2's gradients are shards, summed over the ranks) and
+  `deepspeed_gradient_norm` (after it: DeepSpeed keeps the gradients inside its engine).
+* `gather_state_dict`: the whole state dict on rank 0 (collective under ZeRO-3 and FSDP2; under
+  DeepSpeed from the optimizer's fp32 master copies, ``deepspeed.utils.safe_get_full_fp32_param``, so
+  no precision is lost).
 """
 
 from __future__ import annotations
@@ -26,9 +41,10 @@ import argparse
 import contextlib
 import logging
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -37,7 +53,17 @@ from torch import nn
 
 from t3.config import StrategyConfig
 
-__all__ = ["T3DeepSpeedStrategy", "build_strategy", "deepspeed_config", "fsdp2_parallelize"]
+__all__ = [
+    "T3DeepSpeedStrategy",
+    "any_rank",
+    "build_strategy",
+    "deepspeed_config",
+    "deepspeed_gradient_norm",
+    "fsdp2_parallelize",
+    "gather_state_dict",
+    "gradient_norm",
+    "skipped_loss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +234,86 @@ def fsdp2_parallelize(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+# --- what differs per strategy at run time ----------------------------------------------------------------
+
+
+def any_rank(strategy: Strategy, flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce): all take one branch."""
+    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    return bool(strategy.reduce(value, reduce_op="sum") > 0)
+
+
+def skipped_loss(strategy: Strategy, loss: torch.Tensor) -> torch.Tensor | None:
+    """What ``training_step`` returns for a micro-batch whose non-finite loss is skipped (module docstring):
+    None, or under DeepSpeed the loss itself, whose non-finite gradient norm makes DeepSpeed drop the step."""
+    return loss if isinstance(strategy, DeepSpeedStrategy) else None
+
+
+def gradient_norm(strategy: Strategy, parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
+    """The global norm of the gradients before the optimizer step (before clipping).
+
+    None under DeepSpeed, whose engine keeps the gradients (`deepspeed_gradient_norm` reads its norm after
+    the step), and when no parameter has a gradient (a skipped, non-finite step). FSDP2 gradients are
+    DTensor shards over all ranks: the squares are summed locally, then across the ranks (collective).
+    """
+    if isinstance(strategy, DeepSpeedStrategy):
+        return None
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    sharded = hasattr(grads[0], "to_local")
+    local = [g.to_local() if sharded else g for g in grads]
+    squares = torch.stack([g.detach().float().square().sum() for g in local]).sum()
+    if sharded:
+        squares = strategy.reduce(squares, reduce_op="sum")
+    return squares.sqrt()
+
+
+def deepspeed_gradient_norm(trainer: L.Trainer) -> float | None:
+    """The gradient norm DeepSpeed computed in its last optimizer step; None for other strategies."""
+    if not isinstance(trainer.strategy, DeepSpeedStrategy):
+        return None
+    norm = trainer.model.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def gather_state_dict(trainer: L.Trainer, dit: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of ``dit`` on CPU on global rank 0 (None on other ranks).
+
+    Collective: every rank must call it.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if trainer.is_global_zero else None
+    if isinstance(strategy, DeepSpeedStrategy):
+        return _gather_deepspeed(trainer, dit)
+    if not trainer.is_global_zero:
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in dit.state_dict().items()}
+
+
+def _gather_deepspeed(trainer: L.Trainer, dit: nn.Module) -> dict[str, torch.Tensor] | None:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    params = dict(dit.named_parameters())
+    for name, param in params.items():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:  # frozen (no master copy) or no ZeRO optimizer mapping: the module's own value
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                full = param.detach()
+                if trainer.is_global_zero:
+                    full = full.to("cpu", copy=True)
+        if trainer.is_global_zero:
+            out[name] = full.detach().to("cpu", copy=True)
+    if not trainer.is_global_zero:
+        return None
+    for name, value in dit.state_dict().items():  # persistent buffers, if any
+        out.setdefault(name, value.detach().to("cpu", copy=True))
+    return out

@@ -386,9 +386,9 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         return dry_run(cfg, facts)
 
     from t3.training.datamodule import T3DataModule
-    from t3.training.export import export_dit, gather_state_dict
+    from t3.training.export import export_dit
     from t3.training.module import T3FinetuneModule
-    from t3.training.strategies import build_strategy, fsdp2_parallelize
+    from t3.training.strategies import build_strategy, fsdp2_parallelize, gather_state_dict
 
     run_dir = Path(cfg.run_dir)
     digest = training_digest(cfg)
