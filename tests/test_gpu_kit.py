@@ -46,7 +46,7 @@ def test_training_path_imports_without_packages_absent_on_the_gpu_machine():
         "from benchmarks.gpu.machine import block_absent_imports\n"
         "block_absent_imports()\n"
         "from hydra.utils import get_method\n"
-        "get_method('t3.training.datamodule.synthetic_latents')\n"
+        "get_method('t3.data.factories.synthetic_latents')\n"
         "import t3.training.train, t3.training.module, t3.training.callbacks, t3.training.strategies\n"
         "import t3.training.export, t3.training.dry_run, t3.launch\n"
     )

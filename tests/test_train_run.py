@@ -315,7 +315,7 @@ def test_sample_videos_are_written_at_validation(tmp_path, cache_dir):
 
 def test_latent_shards_stream_trains_and_resumes_identically(tmp_path, cache_dir):
     from t3.data import write_shards
-    from t3.training.datamodule import synthetic_latents
+    from t3.data.factories import synthetic_latents
 
     samples = synthetic_latents(
         24, height=32, width=32, num_frames=17, seed=5, model={"preset": "tiny"}, cache_dir=str(cache_dir)
@@ -392,7 +392,7 @@ def test_raw_videos_are_prepared_once_then_trained_on(tmp_path, cache_dir):
 def _shard_set(tmp_path: Path, cache_dir: Path, bad: dict[str, torch.Tensor]) -> Path:
     """12 good synthetic samples (32x32x17 on the tiny model) and the given bad latents, 5 per shard."""
     from t3.data import write_shards
-    from t3.training.datamodule import synthetic_latents
+    from t3.data.factories import synthetic_latents
 
     samples = synthetic_latents(
         12, height=32, width=32, num_frames=17, seed=5, model={"preset": "tiny"}, cache_dir=str(cache_dir)

@@ -6,6 +6,8 @@ decoding and a synthetic moving-shape source for tests and CPU demos.
 * :mod:`t3.data.buckets`: batching by latent shape.
 * :mod:`t3.data.video`: :func:`load_clip` and its error types.
 * :mod:`t3.data.synthetic`: procedural videos with captions, as pixels or as encoded samples.
+* :mod:`t3.data.factories`: the Hydra ``_target_``s of ``conf/data/*.yaml`` that build these readers
+  for a run (imported by path, not re-exported here).
 """
 
 from __future__ import annotations

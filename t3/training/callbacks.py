@@ -366,7 +366,7 @@ class EMACallback(Callback):
 class SampleVideoCallback(Callback):
     """Generate and log sample videos at the end of each validation.
 
-    Skips itself (with one log line) when `t3.generate`'s building blocks or a video writer are missing.
+    Skips itself (with one log line) when no mp4 encoder is available (`t3.video_io.available_encoder`).
 
     Args:
         cfg: Prompts, size, steps, guidance, seed, fps.
@@ -405,22 +405,21 @@ class SampleVideoCallback(Callback):
             return False
         if self._embeddings is not None:
             return True
-        try:
-            from t3.diffusion import build_scheduler, sample  # noqa: F401
-            from t3.generate import WAN_NEGATIVE_PROMPT
-            from t3.video_io import available_encoder
+        from t3.video_io import available_encoder
 
+        try:
             available_encoder()
-        except Exception as err:  # optional feature: any missing piece disables it, never the run
+        except Exception as err:  # no PyAV or no mp4 encoder: this optional feature goes, never the run
             logger.warning("sample videos disabled: %s", err)
             self._disabled = True
             return False
         embeddings = None
         if trainer.is_global_zero:
+            from t3.generate import WAN_NEGATIVE_PROMPT
             from t3.models import PromptEmbeddingCache, get_spec
-            from t3.training.datamodule import _vae_and_text_encoder
+            from t3.models.encoders import vae_and_text_encoder
 
-            vae, text_encoder = _vae_and_text_encoder(self.model, self.cache_dir)
+            vae, text_encoder = vae_and_text_encoder(self.model, self.cache_dir)
             cache = PromptEmbeddingCache(text_encoder, max_length=get_spec(self.model["preset"]).text_len)
             positive, _ = cache.get(list(self.cfg.prompts))
             negative, _ = cache.get([WAN_NEGATIVE_PROMPT])

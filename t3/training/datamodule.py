@@ -1,8 +1,7 @@
 """Training data for `T3FinetuneModule`: resumable, rank-aware loaders around the `t3.data` readers.
 
-The readers themselves live in `t3.data` (``build_latent_dataset`` for latent shards,
-``SyntheticLatentDataset`` for procedural videos, ``prepare_shards`` for raw videos); the ``data/`` config
-group names them as Hydra ``_target_``s. This module adds what training needs on top:
+The readers themselves live in `t3.data`; the ``data/`` config group builds them with the factories of
+`t3.data.factories` (Hydra ``_target_``s). This module adds what training needs on top:
 
 * **Data order is a function of the optimizer step.** Map-style datasets are read through `StepSampler`:
   step ``s`` uses global stream positions ``[s * G, (s + 1) * G)`` (``G`` = global batch) of a seeded
@@ -19,11 +18,8 @@ group names them as Hydra ``_target_``s. This module adds what training needs on
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,210 +28,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from t3.data import SKIPPED_KEY, collate_samples
 
-__all__ = [
-    "SkipTally",
-    "StepSampler",
-    "T3DataModule",
-    "held_out_shards",
-    "prepare_video_shards",
-    "synthetic_latents",
-]
+__all__ = ["SkipTally", "StepSampler", "T3DataModule"]
 
 logger = logging.getLogger(__name__)
-
-
-# --- dataset factories (Hydra targets of conf/data/*.yaml) -------------------------------------------------
-
-
-_ENCODERS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-
-
-def _vae_and_text_encoder(model: Mapping[str, Any], cache_dir: str | os.PathLike) -> tuple[Any, Any]:
-    """The model's VAE and text encoder from local paths, or tiny random ones for the ``tiny`` preset.
-
-    Loaded once per process: the training and validation sets share them (umT5-XXL alone is 11 GB).
-    """
-    key = (model.get("preset"), model.get("vae_path"), model.get("text_encoder_path"), str(cache_dir))
-    if key not in _ENCODERS:
-        _ENCODERS[key] = _load_vae_and_text_encoder(model, cache_dir)
-    return _ENCODERS[key]
-
-
-def _load_vae_and_text_encoder(model: Mapping[str, Any], cache_dir: str | os.PathLike) -> tuple[Any, Any]:
-    from t3.models import load_text_encoder, load_vae
-
-    vae_path, text_path = model.get("vae_path"), model.get("text_encoder_path")
-    if vae_path and text_path:
-        return load_vae(vae_path), load_text_encoder(text_path)
-    if model.get("preset") != "tiny":
-        raise ValueError(
-            f"data=synthetic encodes videos, so it needs model.vae_path and model.text_encoder_path "
-            f"for preset {model.get('preset')!r} (got {vae_path!r} and {text_path!r})"
-        )
-    from t3.models.tiny import tiny_vae
-
-    return tiny_vae(), load_text_encoder(_tiny_text_encoder_folder(Path(cache_dir) / "tiny_text_encoder"))
-
-
-def _tiny_tokenizer_ready(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def _tiny_text_encoder_folder(folder: Path, timeout_s: float = 300.0) -> Path:
-    """Write the tiny text encoder once (rank 0) and let the other ranks wait for it.
-
-    transformers' ``save_pretrained`` silently writes nothing on ranks other than 0 once torch.distributed
-    is initialised, so rank 0 writes it (to a private folder, renamed into place when complete) and the
-    others wait for the complete folder. No collective, so it is safe to call on rank 0 alone.
-    """
-    import shutil
-    import time
-
-    import torch.distributed as dist
-
-    from t3.models.tiny import save_tiny_text_encoder
-
-    if _tiny_tokenizer_ready(folder):
-        return folder
-    rank = (
-        dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-    )
-    if rank == 0:
-        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
-        save_tiny_text_encoder(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another job wrote it meanwhile; its folder is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
-    deadline = time.monotonic() + timeout_s
-    while not _tiny_tokenizer_ready(folder):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: rank 0 did not write the tiny text encoder to {folder}")
-        time.sleep(0.2)
-    return folder
-
-
-def synthetic_latents(
-    num_samples: int,
-    *,
-    height: int,
-    width: int,
-    num_frames: int,
-    seed: int,
-    model: Mapping[str, Any],
-    cache_dir: str,
-    fps: float = 16.0,
-) -> Dataset:
-    """Procedural moving-shape videos encoded with the model's VAE and text encoder (`t3.data`).
-
-    Each sample is encoded once and cached on disk under ``cache_dir/synthetic``, so reruns and other
-    ranks reuse it.
-
-    Args:
-        num_samples: Videos in the set.
-        height: Frame height in pixels.
-        width: Frame width in pixels.
-        num_frames: Frames per video (``4k + 1``).
-        seed: Seed of the set (a different seed gives a disjoint-looking set, e.g. for validation).
-        model: The ``model`` config (preset, ``vae_path``, ``text_encoder_path``).
-        cache_dir: Cache root (``paths.cache_dir``).
-        fps: Nominal frame rate.
-    """
-    from t3.data import SyntheticLatentDataset
-
-    vae, text_encoder = _vae_and_text_encoder(model, cache_dir)
-    return SyntheticLatentDataset(
-        num_samples,
-        vae=vae,
-        text_encoder=text_encoder,
-        frames=num_frames,
-        height=height,
-        width=width,
-        seed=seed,
-        fps=fps,
-        cache_dir=Path(cache_dir) / "synthetic",
-        tiled=height * width > 512 * 512,  # the VAE needs tiles only for large frames
-    )
-
-
-def held_out_shards(urls_or_dir: str | None, **kwargs: Any) -> IterableDataset | None:
-    """``t3.data.build_latent_dataset`` for validation, or None (no validation loss) without shards.
-
-    Args:
-        urls_or_dir: Held-out shards; None disables the validation loss.
-        **kwargs: Passed to ``build_latent_dataset``.
-    """
-    if urls_or_dir is None:
-        return None
-    from t3.data import build_latent_dataset
-
-    return build_latent_dataset(urls_or_dir, **kwargs)
-
-
-def prepare_video_shards(
-    video_list: str,
-    out_dir: str,
-    *,
-    height: int,
-    width: int,
-    num_frames: int,
-    fps: float | None,
-    model: Mapping[str, Any],
-    samples_per_shard: int = 64,
-    max_upscale: float = 1.0,
-) -> Path:
-    """Encode the videos of ``video_list`` into latent shards in ``out_dir`` (`t3.data.prepare_shards`).
-
-    Runs once, on global rank 0, before training (Lightning's ``prepare_data``); it is resumable, so a
-    restarted run only encodes what is missing.
-
-    Args:
-        video_list: CSV (``path,caption``), JSON lines or JSON array of videos and captions.
-        out_dir: Shard folder.
-        height: Clip height in pixels.
-        width: Clip width in pixels.
-        num_frames: Frames per clip.
-        fps: Frame rate to sample clips at; None keeps each video's own.
-        model: The ``model`` config (preset, ``vae_path``, ``text_encoder_path``).
-        samples_per_shard: Videos per shard.
-        max_upscale: Largest resize factor allowed (smaller videos are skipped).
-    """
-    from t3.data import check_prepare_arguments, prepare_shards, read_video_list
-    from t3.models import PromptEmbeddingCache, get_spec
-
-    spec = get_spec(model["preset"])
-    check_prepare_arguments(  # before the encoders are loaded
-        spec,
-        height=height,
-        width=width,
-        frames=num_frames,
-        fps=fps,
-        max_upscale=max_upscale,
-        samples_per_shard=samples_per_shard,
-        name=lambda key: f"data.prepare.{'num_frames' if key == 'frames' else key}",
-    )
-    entries = read_video_list(video_list)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    vae, text_encoder = _vae_and_text_encoder(model, Path(out_dir).parent)
-    vae = vae.to(device)
-    text_encoder.to(device)
-    result = prepare_shards(
-        entries,
-        out_dir,
-        vae=vae,
-        text_cache=PromptEmbeddingCache(text_encoder, max_length=spec.text_len),
-        spec=spec,
-        height=height,
-        width=width,
-        frames=num_frames,
-        fps=fps,
-        samples_per_shard=samples_per_shard,
-        max_upscale=max_upscale,
-        info={"video_list": str(video_list)},
-    )
-    logger.info("prepared latent shards in %s: %s", out_dir, result)
-    return Path(out_dir)
 
 
 # --- samplers and loaders ---------------------------------------------------------------------------------
