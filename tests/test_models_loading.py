@@ -17,10 +17,8 @@ from t3.models import (
     diffusers_to_wan,
     get_spec,
     load_dit,
-    pixel_multiple,
     preset_names,
     save_dit,
-    vae_stride,
     wan_to_diffusers,
 )
 from t3.models.presets import dit_config
@@ -93,8 +91,9 @@ def test_real_presets_on_meta_device(name, n_params):
 
 def test_specs():
     assert preset_names() == ["tiny", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"]
-    assert vae_stride("wan2.1-t2v-1.3b") == (4, 8, 8) and pixel_multiple("wan2.1-t2v-1.3b") == 16
-    assert vae_stride("wan2.2-ti2v-5b") == (4, 16, 16) and pixel_multiple("wan2.2-ti2v-5b") == 32
+    wan21, wan22 = get_spec("wan2.1-t2v-1.3b"), get_spec("wan2.2-ti2v-5b")
+    assert wan21.vae_stride == (4, 8, 8) and wan21.pixel_multiple == 16
+    assert wan22.vae_stride == (4, 16, 16) and wan22.pixel_multiple == 32
     spec = get_spec("Wan2.2-TI2V-5B")
     assert spec.vae_channels == 48 == spec.dit_config["in_channels"] and spec.dim == 3072
     assert spec.latent_shape(121, 704, 1280) == (48, 31, 44, 80)

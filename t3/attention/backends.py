@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ from t3.attention.index import GroupIndex
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "sdpa", "flash"]
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flash")
 
 

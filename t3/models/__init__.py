@@ -15,10 +15,7 @@ from t3.models.presets import (
     ModelSpec,
     dit_config,
     get_spec,
-    patch_size,
-    pixel_multiple,
     preset_names,
-    vae_stride,
 )
 
 # The loaders import diffusers and transformers (seconds); presets do not. Importing the loaders on
@@ -82,12 +79,9 @@ __all__ = [
     "load_vae",
     "match_preset",
     "normalize_latents",
-    "patch_size",
-    "pixel_multiple",
     "preset_names",
     "read_record",
     "save_dit",
-    "vae_stride",
     "vae_tiling",
     "wan_to_diffusers",
 ]

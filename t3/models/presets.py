@@ -25,10 +25,7 @@ __all__ = [
     "ModelSpec",
     "dit_config",
     "get_spec",
-    "patch_size",
-    "pixel_multiple",
     "preset_names",
-    "vae_stride",
 ]
 
 # Settings shared by every Wan DiT we support (text-to-video and text-image-to-video, no image branch).
@@ -244,18 +241,3 @@ def get_spec(name: str) -> ModelSpec:
 def dit_config(name: str) -> dict[str, Any]:
     """A private (deep) copy of the ``WanTransformer3DModel`` kwargs of preset ``name``."""
     return copy.deepcopy(dict(get_spec(name).dit_config))
-
-
-def vae_stride(name: str) -> tuple[int, int, int]:
-    """VAE compression ``(t, h, w)`` of preset ``name``."""
-    return get_spec(name).vae_stride
-
-
-def patch_size(name: str) -> tuple[int, int, int]:
-    """DiT patch size ``(t, h, w)`` of preset ``name``."""
-    return get_spec(name).patch_size
-
-
-def pixel_multiple(name: str) -> int:
-    """Height/width multiple of preset ``name`` (VAE stride x patch size)."""
-    return get_spec(name).pixel_multiple
