@@ -456,4 +456,4 @@ def test_container_recipe_copies_files_of_the_repository():
     files = recipe.split("%files", 1)[1].split("%post", 1)[0]
     sources = [line.split()[0] for line in files.strip().splitlines()]
     assert sources and all((REPO_ROOT / source).exists() for source in sources), sources
-    assert "pip install --no-cache-dir /opt/t3" in recipe  # the pinned dependencies of pyproject.toml
+    assert 'pip install --no-cache-dir "/opt/t3[all]"' in recipe  # the pinned dependencies of pyproject.toml

@@ -42,10 +42,16 @@ def requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
     """``name==version`` of every wheel to fetch: `CARRIED` as pinned in ``pyproject``, then `TRANSITIVE_PINS`.
 
     Raises:
-        ValueError: If a carried package has no exact ``==`` pin in ``pyproject``'s dependencies.
+        ValueError: If a carried package has no exact ``==`` pin in ``pyproject``'s dependencies (base
+            or optional).
     """
+    project = tomllib.loads(pyproject.read_text())["project"]
+    specs = [
+        *project["dependencies"],
+        *(s for extra in project.get("optional-dependencies", {}).values() for s in extra),
+    ]
     pins = {}
-    for spec in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+    for spec in specs:
         match = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;,]+)\s*", spec)
         if match:
             pins[_normalise(match[1])] = match[2]
