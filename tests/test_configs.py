@@ -202,6 +202,33 @@ def test_global_batch_must_split_over_the_world_size():
         validate(cfg, world_size=4)
 
 
+def test_sequence_parallel_groups_share_samples_so_only_replicas_split_the_batch():
+    cfg = compose_train(
+        "~experiment", "batch.global_size=4", "strategy=ddp", "parallel.sequence_parallel_size=2"
+    )
+    facts = validate(cfg, world_size=4)
+    assert (facts.sequence_parallel_size, facts.data_parallel_size, facts.accumulate) == (2, 2, 2)
+    assert validate(cfg, world_size=2).accumulate == 4
+
+
+@pytest.mark.parametrize(
+    "overrides,world,words",
+    [
+        (["parallel.sequence_parallel_size=3"], 4, "parallel.sequence_parallel_size=3 does not divide the world size 4 (accepted: a divisor of 4: 1, 2, 4)"),
+        (["parallel.sequence_parallel_size=0"], 4, "parallel.sequence_parallel_size=0"),
+        (["parallel.sequence_parallel_size=4", "parallel.align=frames", "data.num_frames=5"], 4, "cannot cut 2 latent frames on frame boundaries"),
+        (["parallel.align=rows"], 1, "parallel.align='rows': must be one of"),
+        (["parallel.policy=fastest"], 1, "parallel.policy='fastest': must be one of"),
+        (["parallel.sequence_parallel_size=2", "batch.global_size=3"], 4, "batch.global_size=3: must be a multiple of batch.micro_size x data-parallel size (world 4 / parallel.sequence_parallel_size 2) = 1 x 2 = 2"),
+    ],
+)  # fmt: skip
+def test_bad_sequence_parallel_settings_fail_in_one_line_before_any_model(overrides, world, words):
+    cfg = compose_train("~experiment", "strategy=ddp", *overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, world_size=world)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     "override,words",
     [("data.heigth=720", "heigth"), ("data.height=tall", "data.height"), ("finetune.lora.rank=1.5", "rank")],

@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
+    "ParallelConfig",
     "PathsConfig",
     "SampleVideosConfig",
     "StrategyConfig",
@@ -359,6 +360,27 @@ class StrategyConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Parallelism inside one sample (`t3.parallel`); data parallelism, ZeRO and FSDP2 are ``strategy``.
+
+    Attributes:
+        sequence_parallel_size: GPUs that share each video's tokens (an SP group of consecutive ranks).
+            The world size must be a multiple of it; the ``world / sequence_parallel_size`` SP groups are
+            the data-parallel replicas (global batch = micro x data-parallel size x accumulation).
+        align: Where shards are cut: ``tokens`` (even shards) or ``frames`` (on frame boundaries, so
+            whole-frame layers exchange nothing; needs ``sequence_parallel_size`` <= latent frames).
+        policy: Per-layer work assignment (`t3.parallel.assignment`): ``auto`` picks the fewest moved
+            rows within ``max_imbalance``; ``owner``, ``resident``, ``heads`` force one.
+        max_imbalance: Largest accepted per-rank attention work over the mean, minus one, under ``auto``.
+    """
+
+    sequence_parallel_size: int = 1
+    align: str = "tokens"
+    policy: str = "auto"
+    max_imbalance: float = 0.05
+
+
+@dataclass
 class LoggerConfig:
     """Metric loggers. CSV always works offline; wandb honours ``WANDB_MODE`` (e.g. ``offline``).
 
@@ -455,6 +477,7 @@ class TrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     demo: DemoConfig | None = None

@@ -58,6 +58,7 @@ class RunFacts:
         world_size: Processes (GPUs) that train together.
         accumulate: Micro-batches per optimizer step on each process.
         schedule: The T3 `Schedule`.
+        sequence_parallel_size: Processes sharing each sample's tokens (``parallel.sequence_parallel_size``).
     """
 
     preset: str
@@ -67,6 +68,12 @@ class RunFacts:
     world_size: int
     accumulate: int
     schedule: Any
+    sequence_parallel_size: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel replicas: the SP groups, each reading its own samples."""
+        return self.world_size // self.sequence_parallel_size
 
 
 def resolve_world_size(trainer: DictConfig | TrainerConfig) -> int:
@@ -151,7 +158,8 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
     _check_parallelism(cfg)
     if world_size is None:
         world_size = _dry_run_world_size(cfg) if cfg.dry_run else resolve_world_size(cfg.trainer)
-    accumulate = _check_batch(cfg, world_size)
+    sequence_parallel = _check_sequence_parallel(cfg, grid, world_size)
+    accumulate = _check_batch(cfg, world_size, sequence_parallel)
     _check_outputs(cfg)
 
     # Weights, data and the machine: checked for a real run only; the dry run works from the architecture.
@@ -170,6 +178,7 @@ def validate(cfg: DictConfig, *, world_size: int | None = None) -> RunFacts:
         world_size=world_size,
         accumulate=accumulate,
         schedule=schedule,
+        sequence_parallel_size=sequence_parallel,
     )
 
 
@@ -311,20 +320,51 @@ def _check_parallelism(cfg: DictConfig) -> None:
             )
 
 
-def _check_batch(cfg: DictConfig, world_size: int) -> int:
-    """The global batch is fixed; accumulation absorbs the GPU count. Returns the micro-batches per step."""
+def _check_sequence_parallel(cfg: DictConfig, grid: tuple[int, int, int], world_size: int) -> int:
+    """The SP size tiles the world and can shard the token grid; returns it."""
+    from t3.parallel.assignment import POLICIES
+    from t3.parallel.groups import check_world
+    from t3.parallel.layout import ALIGNS, LayoutError, check_sequence_parallel
+
+    key = "parallel.sequence_parallel_size"
+    check_range(cfg, key, low=1)
+    check_choice(cfg, "parallel.align", ALIGNS)
+    check_choice(cfg, "parallel.policy", POLICIES)
+    check_range(cfg, "parallel.max_imbalance", low=0)
+    sp = int(cfg.parallel.sequence_parallel_size)
+    try:
+        check_world(world_size, sp)
+        check_sequence_parallel(grid, sp, cfg.parallel.align)
+    except (ValueError, LayoutError) as error:
+        raise ConfigError(str(error)) from None
+    return sp
+
+
+def _check_batch(cfg: DictConfig, world_size: int, sequence_parallel: int = 1) -> int:
+    """The global batch is fixed; accumulation absorbs the GPU count. Returns the micro-batches per step.
+
+    Under sequence parallelism the ranks of an SP group share samples: only ``world / sp`` data-parallel
+    replicas divide the batch.
+    """
     if cfg.strategy.name == "auto" and world_size > 1:
         raise fail(
             "strategy", "auto", f"is for one device; {world_size} processes need ddp, deepspeed or fsdp2"
         )
     check_range(cfg, "batch.global_size", low=1)
     check_range(cfg, "batch.micro_size", low=1)
-    per_step = cfg.batch.micro_size * world_size
+    replicas = world_size // sequence_parallel
+    per_step = cfg.batch.micro_size * replicas
     if cfg.batch.global_size % per_step:
+        what = (
+            f"world size = {cfg.batch.micro_size} x {world_size}"
+            if sequence_parallel == 1
+            else f"data-parallel size (world {world_size} / parallel.sequence_parallel_size "
+            f"{sequence_parallel}) = {cfg.batch.micro_size} x {replicas}"
+        )
         raise fail(
             "batch.global_size",
             cfg.batch.global_size,
-            f"must be a multiple of batch.micro_size x world size = {cfg.batch.micro_size} x {world_size} = {per_step}",
+            f"must be a multiple of batch.micro_size x {what} = {per_step}",
         )
     return cfg.batch.global_size // per_step
 

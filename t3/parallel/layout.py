@@ -30,8 +30,8 @@ from t3.attention.plan import Grid, check_grid
 Align = Literal["tokens", "frames"]
 ALIGNS: tuple[str, ...] = ("tokens", "frames")
 
-# The config key that sets the SP size (the training and generation configs use this name).
-SP_KEY = "sequence_parallel_size"
+# The config key that sets the SP size (training and eval configs alike).
+SP_KEY = "parallel.sequence_parallel_size"
 
 
 class LayoutError(ValueError):
