@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from t3.diffusion.timesteps import TimestepSampler
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +26,20 @@ logger = logging.getLogger(__name__)
 ModelFn = Callable[..., Any]
 #: ``weighting(sigma[B]) -> weight[B]``: per-sample loss weight as a function of the noise level.
 WeightingFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SigmaSampler(Protocol):
+    """A training distribution over ``sigma``, e.g. a `t3.diffusion.timesteps.TimestepSampler`.
+
+    Named here as a protocol, so that the objective does not import the distributions (which use
+    `shift_sigma`): the dependency runs one way, ``timesteps`` -> ``flow_matching``.
+    """
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device | str | None
+    ) -> torch.Tensor:
+        """Float32 ``[batch_size]`` noise levels in ``[0, 1]`` on ``device``."""
+        ...
 
 
 def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
@@ -173,7 +184,7 @@ def flow_matching_loss(
     cond: Mapping[str, Any],
     *,
     generator: torch.Generator | None,
-    sampler: TimestepSampler,
+    sampler: SigmaSampler,
     num_train_timesteps: int = 1000,
     weighting: WeightingFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
