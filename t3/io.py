@@ -1,6 +1,9 @@
 """Files: atomic writes (a temporary name in the same folder, then rename) and content hashes.
 
-A reader (or a resumed run) never sees half a file: either the old file, or the complete new one.
+Every write that must never be seen half done goes through here: a file (`atomic_path`, and the text,
+JSON and JSON-lines writers on top of it) or a whole folder (`atomic_folder`); and `sha256_file` is the
+one file hash. A reader (or a resumed run) never sees half a file: either the old file, or the complete
+new one.
 Every file gets the mode a plain ``open()`` would give it (the umask's), also where the library that
 writes it would restrict it to its owner (`give_umask_mode`).
 The temporary name sits in the target's folder because ``os.replace`` is atomic only within one
@@ -13,8 +16,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +87,35 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    An existing ``path`` is swapped out by a second rename and deleted only once the new folder is in
+    place, so at every moment ``path`` is either the old folder or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{tag}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically, synced to disk before the rename."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -94,6 +128,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """`write_text_atomic` of ``data`` as indented JSON."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Any]) -> Path:
+    """`write_text_atomic` of ``records`` as JSON lines (one compact object per line)."""
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

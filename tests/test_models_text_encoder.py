@@ -103,7 +103,7 @@ def test_disk_cache(folder, tmp_path):
     assert first.encoder_calls == 2  # 3 prompts, batches of 2
     files = sorted((tmp_path / "cache").rglob("*"))
     assert len([f for f in files if f.suffix == ".safetensors"]) == 3
-    assert not [f for f in files if ".tmp-" in f.name]  # atomic writes leave no temporaries
+    assert not [f for f in files if f.name.startswith(".")]  # atomic writes leave no temporaries
 
     # A fresh process (new cache object) reads from disk: no encoding at all.
     second = PromptEmbeddingCache(encoder, tmp_path / "cache", max_length=24)

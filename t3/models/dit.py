@@ -23,14 +23,11 @@ and refuses a different explicit one unless ``allow_schedule_change=True``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from t3.attention import Schedule, get_schedule
-from t3.io import give_umask_mode
+from t3.io import atomic_folder, atomic_path, give_umask_mode
 from t3.models.presets import DIT_PRESETS, dit_config, preset_names
 from t3.models.record import RECORD_KEY, T3Record
 from t3.models.wan_keys import (
@@ -489,7 +486,7 @@ def save_dit(
     record = record or T3Record.from_config(model.config)
     recorded = {} if record is None else {RECORD_KEY: record.as_dict()}
     if format == "diffusers":
-        with _atomic_dir(path) as tmp:
+        with atomic_folder(path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
             if recorded:  # written into the saved config, never onto the caller's model
                 config_file = tmp / CONFIG_NAME
@@ -505,15 +502,11 @@ def save_dit(
     state_dict = diffusers_to_wan(state_dict, strict=True)
     wan_config = {**diffusers_config_to_wan(model.config, preset or match_preset(model.config)), **recorded}
     if path.suffix == ".safetensors":
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(state_dict, tmp, metadata={"format": "pt", METADATA_CONFIG_KEY: json.dumps(wan_config)})
             give_umask_mode(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     else:
-        with _atomic_dir(path) as tmp:
+        with atomic_folder(path) as tmp:
             _save_sharded(state_dict, tmp, max_shard_size)
             (tmp / CONFIG_NAME).write_text(json.dumps(wan_config, indent=2) + "\n")
             give_umask_mode(tmp)
@@ -535,27 +528,3 @@ def _save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_s
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``path``; on success move it to ``path`` (replacing it)."""
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.with_name(f".{path.name}.tmp-{tag}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            # Swap via a second rename so the old checkpoint is removed only once the new one is in place.
-            old = path.with_name(f".{path.name}.old-{tag}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

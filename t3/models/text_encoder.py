@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from t3.io import give_umask_mode
+from t3.io import atomic_path, give_umask_mode
 
 try:
     import ftfy
@@ -290,12 +289,7 @@ class PromptEmbeddingCache:
         file = self._file(key)
         if file is None:
             return
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
         metadata = {"prompt": prompt, "identity": self.identity, "max_length": str(self.max_length)}
-        try:
+        with atomic_path(file) as tmp:
             save_file({"embedding": embed.contiguous()}, tmp, metadata=metadata)
             give_umask_mode(tmp)  # a cache shared between runs (and users); safetensors writes owner-only
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
