@@ -48,7 +48,7 @@ from t3.models import (
     load_text_encoder,
 )
 from t3.transform import schedule_of, token_grid
-from t3.video_io import write_video
+from t3.video_io import pixels_to_uint8, write_video
 
 __all__ = [
     "WAN_NEGATIVE_PROMPT",
@@ -406,8 +406,7 @@ def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
 
 def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """``[3, F, H, W]`` in ``[-1, 1]`` -> uint8 ``[F, H, W, 3]`` (rounded, unlike diffusers' truncation)."""
-    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return pixels_to_uint8(video).permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:

@@ -1,33 +1,61 @@
-"""Read and write mp4 videos as ``uint8 [F, H, W, 3]`` RGB arrays.
+"""Video files <-> uint8 arrays, and the pixel range conversions between uint8 and the models' ``[-1, 1]``.
 
-Writing uses PyAV with H.264 (``libx264``, ``yuv420p``) when the PyAV build has it and MPEG-4 part 2
-otherwise. A video is encoded under a temporary name in the destination folder and moved into place with
-`os.replace` only once complete, so an interrupted run never leaves a truncated mp4 that looks finished.
+The rule: this is the one module that opens video files and converts pixel ranges. It knows what a file
+holds (`video_info`, `VideoReader.info`), decodes the frames asked for (`read_frames`, `read_video`),
+writes mp4s (`write_video`) and maps uint8 RGB to and from ``[-1, 1]`` (`uint8_to_pixels`,
+`pixels_to_uint8`). Which frames to take, at what rate and size, is its callers' business:
+`t3.data.video` samples training clips, the eval metrics pick their own frames.
 
-Reading uses decord (fast, frame-accurate) and falls back to PyAV if decord cannot open the file.
-Both are imported only where a file is read or written, so that generation to latents and the GPU
-kit (benchmarks/gpu/) run where they are not installed.
+Reading uses decord (fast, seeks straight to the frames asked for) and falls back to PyAV, which decodes
+sequentially, when decord cannot open or decode the file (`with_video`). Writing uses PyAV with H.264
+(``libx264``, ``yuv420p``) when the PyAV build has it and MPEG-4 part 2 otherwise; a video is encoded
+under a temporary name in the destination folder and moved into place only once complete
+(`t3.io.atomic_path`), so an interrupted run never leaves a truncated mp4 that looks finished.
+
+decord and PyAV are imported only where a file is read or written, so that generation to latents and the
+GPU kit (benchmarks/gpu/) run where they are not installed.
 """
 
 from __future__ import annotations
 
-import contextlib
+import abc
 import functools
 import logging
 import os
-import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from t3.io import give_umask_mode
+from t3.io import atomic_path
 
-__all__ = ["VideoIOError", "VideoInfo", "available_encoder", "read_video", "video_info", "write_video"]
+__all__ = [
+    "BACKENDS",
+    "FrameIndexError",
+    "UndecodableVideoError",
+    "VideoIOError",
+    "VideoInfo",
+    "VideoReader",
+    "available_encoder",
+    "frame_count",
+    "open_video",
+    "pixels_to_uint8",
+    "read_frames",
+    "read_video",
+    "uint8_to_pixels",
+    "video_info",
+    "with_video",
+    "write_video",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Decoders in the order `with_video` tries them.
+BACKENDS: tuple[str, ...] = ("decord", "pyav")
 
 #: Encoders in order of preference: H.264 is what every player expects; MPEG-4 part 2 ships with every
 #: FFmpeg build, so it is the fallback for PyAV builds without libx264.
@@ -36,9 +64,23 @@ ENCODERS: tuple[str, ...] = ("libx264", "mpeg4")
 #: Default x264 constant rate factor: 18 is visually lossless for generated content and keeps files small.
 DEFAULT_CRF = 18
 
+T = TypeVar("T")
+
 
 class VideoIOError(OSError):
     """A video could not be written, opened or decoded."""
+
+
+class FrameIndexError(VideoIOError):
+    """A frame beyond the video's end was asked for: a property of the file, the same with every decoder."""
+
+
+class UndecodableVideoError(VideoIOError):
+    """No decoder could give what was asked; ``reasons`` holds one ``"<decoder>: <error>"`` per decoder."""
+
+    def __init__(self, path: str | os.PathLike, reasons: Sequence[str]) -> None:
+        self.reasons = list(reasons)
+        super().__init__(f"cannot decode video {path} ({'; '.join(self.reasons)})")
 
 
 @dataclass(frozen=True)
@@ -49,6 +91,254 @@ class VideoInfo:
     height: int
     width: int
     fps: float
+
+
+# --- pixel ranges -----------------------------------------------------------------------------------------
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Model pixels in ``[-1, 1]`` -> uint8 ``[0, 255]``, clamped and rounded (diffusers truncates); any layout."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def uint8_to_pixels(values: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float) values in ``[0, 255]`` -> float32 model pixels in ``[-1, 1]``; any layout."""
+    return (values.float() / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+class VideoReader(abc.ABC):
+    """An open video file: what it holds (`info`) and its frames at given indices (`frames`).
+
+    Attributes:
+        path: The file.
+        backend: The decoder (an entry of `BACKENDS`).
+    """
+
+    backend: str
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> VideoInfo:
+        """Frame count, size and frame rate, as this decoder sees them."""
+
+    @abc.abstractmethod
+    def frames(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 RGB ``[len(indices), H, W, 3]`` (every frame for None), in the order asked (repeats allowed).
+
+        Raises:
+            FrameIndexError: If an index is at or beyond the video's end.
+        """
+
+    def _out_of_range(self, count: int, index: int) -> FrameIndexError:
+        return FrameIndexError(f"video {self.path} has {count} frames; frame {index} was asked for")
+
+
+def _open_decord(path: Path, threads: int) -> Any:
+    import decord
+
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+
+
+class _DecordReader(VideoReader):
+    backend = "decord"
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        super().__init__(path)
+        self._reader = _open_decord(path, threads)
+
+    @functools.cached_property
+    def info(self) -> VideoInfo:
+        count = len(self._reader)
+        height, width = self._reader[0].shape[:2] if count else (0, 0)
+        return VideoInfo(count, int(height), int(width), float(self._reader.get_avg_fps()))
+
+    def frames(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        count = len(self._reader)
+        if indices is None:
+            if count == 0:
+                raise VideoIOError(f"video {self.path} has no frames")
+            indices = range(count)
+        indices = _as_indices(indices)
+        if max(indices) >= count:
+            raise self._out_of_range(count, max(indices))
+        return self._reader.get_batch(indices).asnumpy()
+
+
+class _PyAVReader(VideoReader):
+    backend = "pyav"
+
+    @functools.cached_property
+    def info(self) -> VideoInfo:
+        import av
+
+        with av.open(str(self.path)) as container:
+            if not container.streams.video:
+                raise VideoIOError(f"video {self.path} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            count = stream.frames
+            if not count:
+                # Some containers do not record a frame count; count by demuxing (no decoding needed).
+                count = sum(1 for packet in container.demux(stream) if packet.size)
+            return VideoInfo(
+                frames=int(count),
+                height=int(stream.codec_context.height),
+                width=int(stream.codec_context.width),
+                fps=float(rate) if rate else 0.0,
+            )
+
+    def frames(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        import av
+
+        wanted = None if indices is None else _as_indices(indices)
+        keep, last = (None, None) if wanted is None else (set(wanted), max(wanted))
+        got: dict[int, np.ndarray] = {}
+        decoded = 0
+        with av.open(str(self.path)) as container:
+            if not container.streams.video:
+                raise VideoIOError(f"video {self.path} has no video stream")
+            # Sequential decoding, stopped after the last frame asked for.
+            for i, frame in enumerate(container.decode(video=0)):
+                if last is not None and i > last:
+                    break
+                decoded = i + 1
+                if keep is None or i in keep:
+                    got[i] = frame.to_ndarray(format="rgb24")
+        if wanted is None:
+            if not got:
+                raise VideoIOError(f"video {self.path} has no frames")
+            return np.stack([got[i] for i in range(decoded)])
+        if last >= decoded:
+            raise self._out_of_range(decoded, last)
+        return np.stack([got[i] for i in wanted])
+
+
+def _as_indices(indices: Sequence[int]) -> list[int]:
+    indices = [int(i) for i in indices]
+    if not indices or min(indices) < 0:
+        raise ValueError(f"frame indices must be a non-empty list of indices >= 0, got {indices}")
+    return indices
+
+
+def open_video(path: str | os.PathLike, backend: str = "decord", *, decode_threads: int = 0) -> VideoReader:
+    """Open ``path`` with one decoder (``"decord"`` or ``"pyav"``); no fallback (see `with_video`).
+
+    Args:
+        path: A video file (any container FFmpeg reads).
+        backend: An entry of `BACKENDS`.
+        decode_threads: decord's decoding threads (0: its default); data loaders that decode in many
+            workers at once ask for 1.
+    """
+    path = Path(path)
+    if backend == "decord":
+        return _DecordReader(path, decode_threads)
+    if backend == "pyav":
+        return _PyAVReader(path)
+    raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"video {path} does not exist")
+    if not path.is_file():
+        raise VideoIOError(f"video {path} is not a file")
+
+
+def with_video(
+    path: str | os.PathLike,
+    use: Callable[[VideoReader], T],
+    *,
+    backend: str = "auto",
+    final: tuple[type[BaseException], ...] = (FrameIndexError,),
+    decode_threads: int = 0,
+) -> T:
+    """``use(reader)`` on the file opened with decord, and again with PyAV where decord fails.
+
+    Args:
+        path: A video file.
+        use: Reads what it needs from the `VideoReader` (its `VideoReader.info`, some frames).
+        backend: ``"auto"`` (decord, then PyAV), ``"decord"`` or ``"pyav"``.
+        final: Errors that say something about the video itself (too short, too small): raised at once,
+            since the other decoder would say the same.
+        decode_threads: See `open_video`.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        UndecodableVideoError: If every decoder failed; it names each one's error.
+    """
+    path = Path(path)
+    _check_readable(path)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    reasons = []
+    for name in BACKENDS if backend == "auto" else (backend,):
+        try:
+            return use(open_video(path, name, decode_threads=decode_threads))
+        except final:
+            raise
+        except Exception as err:  # decord raises DECORDError/RuntimeError; FFmpeg errors come in many types
+            reasons.append(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            logger.debug("%s could not read %s (%s)", name, path, err)
+    raise UndecodableVideoError(path, reasons)
+
+
+def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+    """Decode only the frames at ``indices`` (`with_video`: decord seeks, PyAV decodes up to the last one).
+
+    Returns:
+        uint8 RGB ``[len(indices), H, W, 3]``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        FrameIndexError: If an index is out of range.
+        UndecodableVideoError: If neither decoder can read the file.
+    """
+    indices = _as_indices(indices)  # a bad list is the caller's error, not the file's
+    return with_video(path, lambda reader: reader.frames(indices))
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """Decode every frame of a video.
+
+    Returns:
+        uint8 RGB frames ``[F, H, W, 3]``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        UndecodableVideoError: If neither decord nor PyAV can decode it.
+    """
+    return with_video(path, lambda reader: reader.frames())
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """Number of frames `read_frames` can index: decord's count, or the container's where decord fails."""
+    return with_video(path, lambda reader: reader.info.frames)
+
+
+def video_info(path: str | os.PathLike) -> VideoInfo:
+    """Frame count, size and frame rate of a video, read from its headers (frames counted if missing).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        VideoIOError: If the file is not a readable video.
+    """
+    path = Path(path)
+    _check_readable(path)
+    try:
+        return _PyAVReader(path).info
+    except VideoIOError:
+        raise
+    except Exception as err:  # PyAV's FFmpeg errors have many types
+        raise VideoIOError(f"cannot open video {path}: {err}") from err
+
+
+# --- writing ----------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,6 +378,25 @@ def _as_frames(frames: np.ndarray | torch.Tensor, path: Path) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+def _encode(file: Path, frames: np.ndarray, fps: float, codec: str, crf: int) -> None:
+    import av
+
+    _, height, width, _ = frames.shape
+    # The temporary name does not end in .mp4, so the container format is named explicitly.
+    with av.open(str(file), mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(int(crf)), "preset": "medium"}
+        else:
+            # MPEG-4 part 2 has no CRF; ~0.3 bit per pixel keeps generated detail visible.
+            stream.bit_rate = max(int(0.3 * width * height * fps), 1_000_000)
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+
+
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray | torch.Tensor,
@@ -120,125 +429,17 @@ def write_video(
         raise FileNotFoundError(f"write_video {path}: folder {folder} does not exist")
 
     codec = available_encoder()
-    num, height, width, _ = array.shape
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    except OSError as err:
-        raise VideoIOError(
-            f"write_video {path}: cannot create a file in {folder}: {err.strerror or err}"
-        ) from err
-    os.close(fd)
-    tmp = give_umask_mode(tmp_name)  # mkstemp's file is owner-only; a video is for colleagues too
-    try:
-        import av
-
-        # The temporary name does not end in .mp4, so the container format is named explicitly.
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            if codec == "libx264":
-                stream.options = {"crf": str(int(crf)), "preset": "medium"}
-            else:
-                # MPEG-4 part 2 has no CRF; ~0.3 bit per pixel keeps generated detail visible.
-                stream.bit_rate = max(int(0.3 * width * height * fps), 1_000_000)
-            for image in array:
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))  # flush the encoder's delayed frames
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(err, Exception) and not isinstance(err, VideoIOError):
-            raise VideoIOError(f"write_video {path}: encoding with {codec} failed: {err}") from err
+        # ``.part``: what a killed writer leaves is recognisably unfinished (the eval stage deletes them).
+        with atomic_path(path, suffix=".part") as tmp:
+            try:
+                _encode(tmp, array, fps, codec, crf)
+            except Exception as err:
+                raise VideoIOError(f"write_video {path}: encoding with {codec} failed: {err}") from err
+    except VideoIOError:
         raise
+    except OSError as err:
+        raise VideoIOError(f"write_video {path}: cannot write into {folder}: {err.strerror or err}") from err
+    num, height, width, _ = array.shape
     logger.debug("wrote %s: %d frames %dx%d at %s fps (%s)", path, num, width, height, fps, codec)
     return path
-
-
-def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"video {path} does not exist")
-    if not path.is_file():
-        raise VideoIOError(f"video {path} is not a file")
-
-
-def _read_with_decord(path: Path) -> np.ndarray:
-    import decord
-
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    if len(reader) == 0:
-        raise VideoIOError(f"video {path} has no frames")
-    return reader.get_batch(list(range(len(reader)))).asnumpy()
-
-
-def _read_with_pyav(path: Path) -> np.ndarray:
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise VideoIOError(f"video {path} has no video stream")
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    if not frames:
-        raise VideoIOError(f"video {path} has no frames")
-    return np.stack(frames)
-
-
-def read_video(path: str | os.PathLike) -> np.ndarray:
-    """Decode every frame of a video.
-
-    Args:
-        path: A video file (any container FFmpeg reads).
-
-    Returns:
-        uint8 RGB frames ``[F, H, W, 3]``.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        VideoIOError: If neither decord nor PyAV can decode it.
-    """
-    path = Path(path)
-    _check_readable(path)
-    try:
-        return _read_with_decord(path)
-    except Exception as err:  # decord raises its own DECORDError or RuntimeError
-        logger.debug("decord could not read %s (%s); trying PyAV", path, err)
-    try:
-        return _read_with_pyav(path)
-    except VideoIOError:
-        raise
-    except Exception as err:  # PyAV's FFmpeg errors have many types
-        raise VideoIOError(f"cannot decode video {path}: {err}") from err
-
-
-def video_info(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, size and frame rate of a video, read from its headers (frames counted if missing).
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        VideoIOError: If the file is not a readable video.
-    """
-    import av
-
-    path = Path(path)
-    _check_readable(path)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoIOError(f"video {path} has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            num = stream.frames
-            if not num:
-                # Some containers do not record a frame count; count by demuxing (no decoding needed).
-                num = sum(1 for packet in container.demux(stream) if packet.size)
-            return VideoInfo(
-                frames=int(num),
-                height=int(stream.codec_context.height),
-                width=int(stream.codec_context.width),
-                fps=float(rate) if rate else 0.0,
-            )
-    except VideoIOError:
-        raise
-    except Exception as err:  # PyAV's FFmpeg errors have many types
-        raise VideoIOError(f"cannot open video {path}: {err}") from err

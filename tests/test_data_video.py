@@ -106,11 +106,11 @@ def test_bad_arguments_are_value_errors(ramp_video: Path):
 
 
 def test_auto_falls_back_to_pyav_when_decord_fails(ramp_video: Path, monkeypatch):
-    import t3.data.video as video_module
+    import t3.video_io
 
-    def broken(path):
+    def broken(*args):
         raise RuntimeError("decord cannot open this")
 
-    monkeypatch.setattr(video_module, "_open_decord", broken)
+    monkeypatch.setattr(t3.video_io, "_open_decord", broken)
     clip = read_clip(ramp_video, num_frames=5, height=32, width=32, target_fps=10)
     assert clip.backend == "pyav" and clip.frame_indices == [0, 3, 6, 9, 12]

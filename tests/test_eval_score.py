@@ -21,10 +21,10 @@ from torch import nn
 
 from t3.eval import run
 from t3.eval.metrics import FrechetVideoDistance
-from t3.eval.metrics.base import read_frames, sha256_file
 from t3.eval.metrics.fvd import DETECTOR_KWARGS, clip_indices, random_tiles, resized_clip, tile_positions
 from t3.eval.prompts import load_prompts
-from t3.video_io import write_video
+from t3.io import sha256_file
+from t3.video_io import read_frames, write_video
 
 from .conftest import PROMPT_LISTS
 from .test_eval_generate import compose_eval

@@ -297,10 +297,10 @@ def test_pyav_fallback_reads_the_same_frames(tmp_path, monkeypatch):
     path = write_video(tmp_path / "clip.mp4", gradient_video(), fps=12)
     with_decord = read_video(path)
 
-    def broken(path):
+    def broken(*args):
         raise RuntimeError("decord unavailable")
 
-    monkeypatch.setattr(vio, "_read_with_decord", broken)
+    monkeypatch.setattr(vio, "_open_decord", broken)
     np.testing.assert_array_equal(read_video(path), with_decord)
 
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from t3.data.shards import DEFAULT_TEXT_LEN, module_fingerprint
-from t3.io import give_umask_mode
+from t3.io import atomic_path, give_umask_mode
+from t3.video_io import uint8_to_pixels
 
 __all__ = [
     "COLOURS",
@@ -157,7 +157,7 @@ def synthetic_video(
 
 def _to_model_input(video: np.ndarray) -> torch.Tensor:
     """uint8 ``[F, H, W, 3]`` -> float ``[3, F, H, W]`` in ``[-1, 1]`` (the layout of :func:`t3.data.load_clip`)."""
-    return torch.from_numpy(video).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+    return uint8_to_pixels(torch.from_numpy(video).permute(3, 0, 1, 2))
 
 
 class SyntheticVideoDataset(torch.utils.data.Dataset):
@@ -341,15 +341,11 @@ class SyntheticLatentDataset(torch.utils.data.Dataset):
             return
         text = sample["text"][: int(sample["text_mask"].sum())].contiguous()
         extra = {k: sample[k] for k in ("__key__", "caption", "meta")}
-        tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            # Temporary name + rename: concurrent workers and interruptions never leave half-written entries.
+        # Temporary name + rename: concurrent workers and interruptions never leave half-written entries.
+        with atomic_path(file) as tmp:
             save_file(
                 {"latents": sample["latents"].contiguous(), "text": text},
                 tmp,
                 metadata={"sample": json.dumps(extra)},
             )
             give_umask_mode(tmp)  # a cache other users' runs may read; safetensors writes owner-only
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)

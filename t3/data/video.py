@@ -1,4 +1,4 @@
-"""Decode a training clip from a video file: pick frames at a target frame rate, resize, centre-crop.
+"""Sample a training clip from a video file: pick frames at a target frame rate, resize, centre-crop.
 
 :func:`load_clip` is the one entry point: it returns ``num_frames`` frames sampled at ``target_fps`` as a float
 tensor ``[C, F, H, W]`` in ``[-1, 1]``, the input the Wan VAE expects. Frames are picked from the source by
@@ -8,8 +8,9 @@ nearest index (no frame interpolation), resized with antialiasing so the frame c
 Every reason a file cannot give a clip raises a subclass of :class:`ClipError` carrying a short ``reason``
 (``"unreadable"``, ``"too_few_frames"``, ``"too_small"``), so a data-preparation loop can count and skip them.
 
-Decoding uses decord (seeks straight to the needed frames) and falls back to PyAV, which decodes sequentially,
-when decord cannot open or decode the file. torchvision is deliberately not used.
+The rule between the two video modules: this one chooses a clip (which frames, at what size) and says why a
+video cannot give one; opening files, decoding frames (decord, with PyAV as fallback) and the uint8 <->
+``[-1, 1]`` conversion are `t3.video_io`'s. torchvision is deliberately not used.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from t3.video_io import (
+    FrameIndexError,
+    UndecodableVideoError,
+    VideoInfo,
+    VideoReader,
+    uint8_to_pixels,
+    with_video,
+)
 
 __all__ = [
     "Clip",
@@ -158,63 +168,7 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-# --- decoding ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Source:
-    fps: float
-    frames: int
-    height: int
-    width: int
-
-
-def _open_decord(path: Path):
-    import decord
-
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-
-
-def _probe_decord(reader) -> _Source:
-    height, width = reader[0].shape[:2] if len(reader) else (0, 0)
-    return _Source(float(reader.get_avg_fps()), len(reader), int(height), int(width))
-
-
-def _probe_pyav(path: Path) -> _Source:
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise UnreadableVideoError(path, "no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        return _Source(
-            float(rate) if rate else 0.0,
-            int(frames),
-            int(stream.codec_context.height),
-            int(stream.codec_context.width),
-        )
-
-
-def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray:
-    """Decode frames ``indices`` (sorted, may repeat) sequentially with PyAV; stops after the last one."""
-    import av
-
-    wanted = set(indices)
-    last = max(indices)
-    got: dict[int, np.ndarray] = {}
-    decoded = 0
-    with av.open(str(path)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            decoded = i + 1
-            if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    if decoded <= last:
-        raise TooFewFramesError(path, f"only {decoded} frames decodable, need frame {last}")
-    return np.stack([got[i] for i in indices])
+# --- reading a clip ---------------------------------------------------------------------------------------
 
 
 def read_clip(
@@ -259,28 +213,27 @@ def read_clip(
     if not path.is_file():
         raise UnreadableVideoError(path, "file not found")
 
-    errors: list[str] = []
-    if backend in ("auto", "decord"):
+    def clip_from(reader: VideoReader) -> Clip:
+        source = reader.info
+        indices = _check_source(path, source, num_frames, height, width, target_fps, start, max_upscale)
         try:
-            return _read_clip_decord(path, num_frames, height, width, target_fps, start, max_upscale)
-        except (TooFewFramesError, VideoTooSmallError):
-            raise  # a property of the video: PyAV would say the same
-        except Exception as err:  # decord raises RuntimeError/DECORDError, or fails to import
-            errors.append(f"decord: {err}".splitlines()[0])
-            logger.debug("decord could not read %s (%s); trying PyAV", path, err)
-    if backend in ("auto", "pyav"):
-        try:
-            return _read_clip_pyav(path, num_frames, height, width, target_fps, start, max_upscale)
-        except ClipError:
-            raise
-        except Exception as err:  # FFmpeg errors come in many types
-            errors.append(f"pyav: {err}".splitlines()[0])
-    raise UnreadableVideoError(path, "cannot decode (" + "; ".join(errors) + ")")
+            frames = reader.frames(indices)
+        except FrameIndexError as err:  # fewer decodable frames than the headers promised
+            raise TooFewFramesError(path, str(err)) from None
+        return _finish(frames, indices, source, height, width, target_fps, reader.backend)
+
+    try:
+        # Too few frames or too small: a property of the video, which the other decoder would confirm.
+        return with_video(
+            path, clip_from, backend=backend, final=(TooFewFramesError, VideoTooSmallError), decode_threads=1
+        )
+    except UndecodableVideoError as err:
+        raise UnreadableVideoError(path, "cannot decode (" + "; ".join(err.reasons) + ")") from None
 
 
 def _check_source(
     path: Path,
-    source: _Source,
+    source: VideoInfo,
     num_frames: int,
     height: int,
     width: int,
@@ -315,14 +268,14 @@ def _check_source(
 def _finish(
     frames: np.ndarray,
     indices: list[int],
-    source: _Source,
+    source: VideoInfo,
     height: int,
     width: int,
     target_fps: float | None,
     backend: str,
 ) -> Clip:
     video = resize_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), height, width)
-    video = (video / 127.5 - 1.0).clamp_(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # [3, F, H, W]
+    video = uint8_to_pixels(video).permute(1, 0, 2, 3).contiguous()  # [3, F, H, W]
     return Clip(
         video=video,
         frame_indices=indices,
@@ -333,37 +286,6 @@ def _finish(
         source_width=source.width,
         backend=backend,
     )
-
-
-def _read_clip_decord(
-    path: Path,
-    num_frames: int,
-    height: int,
-    width: int,
-    target_fps: float | None,
-    start: float,
-    max_upscale: float,
-) -> Clip:
-    reader = _open_decord(path)
-    source = _probe_decord(reader)
-    indices = _check_source(path, source, num_frames, height, width, target_fps, start, max_upscale)
-    frames = reader.get_batch(indices).asnumpy()
-    return _finish(frames, indices, source, height, width, target_fps, "decord")
-
-
-def _read_clip_pyav(
-    path: Path,
-    num_frames: int,
-    height: int,
-    width: int,
-    target_fps: float | None,
-    start: float,
-    max_upscale: float,
-) -> Clip:
-    source = _probe_pyav(path)
-    indices = _check_source(path, source, num_frames, height, width, target_fps, start, max_upscale)
-    frames = _decode_pyav(path, indices)
-    return _finish(frames, indices, source, height, width, target_fps, "pyav")
 
 
 def load_clip(

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from t3.demo.evaluation import MODEL_NAMES
 from t3.demo.metrics import FD_NAME
 from t3.demo.settings import DemoConfig
+from t3.video_io import pixels_to_uint8, write_video
 
 __all__ = ["control_table", "results_markdown", "results_table", "write_plot", "write_videos"]
 
@@ -346,7 +347,7 @@ def write_plot(
 def _latent_rgb(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: int) -> np.ndarray:
     """``[C, T, H, W]`` latents -> uint8 ``[T, H*scale, W*scale, 3]``: channels 0-2, mean +- 2.5 std -> 0-255."""
     x = (latents[:3].float() - mean[:3, None, None, None]) / (2.5 * std[:3, None, None, None])
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = pixels_to_uint8(x)
     x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
@@ -360,7 +361,6 @@ def write_videos(
 ) -> list[Path]:
     """Latent visualisations (held-out | one panel per model) and the held-out pixel videos."""
     from t3.data.synthetic import synthetic_video
-    from t3.video_io import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     mean, std = reference.mean(dim=(0, 2, 3, 4)), reference.std(dim=(0, 2, 3, 4))

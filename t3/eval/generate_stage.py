@@ -34,7 +34,6 @@ import torch
 from t3.attention import Schedule
 from t3.config import check_field_types
 from t3.diffusion import SCHEDULER_NAMES
-from t3.eval.metrics.base import sha256_file
 from t3.eval.prompts import PromptEntry, shard_range
 from t3.generate import (
     WAN_NEGATIVE_PROMPT,
@@ -44,7 +43,7 @@ from t3.generate import (
     generate,
     video_file_name,
 )
-from t3.io import write_json_atomic, write_text_atomic
+from t3.io import sha256_file, write_json_atomic, write_text_atomic
 from t3.memory import check_inference_memory
 from t3.models import get_spec, load_dit, load_text_encoder, load_vae
 from t3.profiling import device_name

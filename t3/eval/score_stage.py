@@ -53,11 +53,11 @@ from t3.eval.metrics import (
     load_i3d,
     skipped,
 )
-from t3.eval.metrics.base import num_video_frames, read_frames, resolve_weights
+from t3.eval.metrics.base import resolve_weights
 from t3.eval.metrics.fvd import DETECTOR_KWARGS, I3D_NUM_FEATURES, clip_indices, random_tiles, resized_clip
 from t3.eval.prompts import PromptEntry
 from t3.models import get_spec
-from t3.video_io import video_info
+from t3.video_io import frame_count, read_frames, video_info
 
 __all__ = ["FVDSettings", "ScoreSettings", "run_scoring"]
 
@@ -442,7 +442,7 @@ def run_scoring(
             )  # fmt: skip
         for real, videos in ((False, generated), (True, refs if fvd_runs else [])):
             for video in videos:
-                count = num_video_frames(video.path)
+                count = frame_count(video.path)
                 fvd_idx = clip_indices(
                     count, fvd.num_frames, source_fps=video.fps, fps=fvd.fps, start=fvd.start
                 )

@@ -1,4 +1,4 @@
-"""What every evaluation metric shares: its result record, the skip rule, weight checks and frame reading.
+"""What every evaluation metric shares: its result record, the skip rule, weight checks and frame choice.
 
 Every metric is named after what it measures and with what (``fvd_i3d``, ``vtc_clip``, ``vqa_dover``):
 none of them is the paper's unnamed "VQA"/"VTC" number. A metric whose weights are not given, or that
@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from t3.io import sha256_file
-from t3.video_io import VideoIOError, read_video, video_info
-
 __all__ = [
     "MetricResult",
     "WeightsError",
-    "num_video_frames",
-    "read_frames",
     "resolve_weights",
-    "sha256_file",
     "skipped",
     "uniform_indices",
 ]
@@ -99,41 +90,3 @@ def uniform_indices(num_frames: int, count: int) -> list[int]:
     if count == 1:
         return [num_frames // 2]
     return [round(i * (num_frames - 1) / (count - 1)) for i in range(count)]
-
-
-def num_video_frames(path: str | os.PathLike) -> int:
-    """Number of decodable frames (decord's count, which is what `read_frames` can index)."""
-    try:
-        import decord
-
-        return len(decord.VideoReader(str(path), ctx=decord.cpu(0)))
-    except Exception as err:  # decord raises DECORDError/RuntimeError; fall back to the container headers
-        logger.debug("decord could not open %s (%s); using PyAV headers", path, err)
-        return video_info(path).frames
-
-
-def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
-    """Decode only the frames at ``indices`` (decord; PyAV fallback decodes all and selects).
-
-    Returns:
-        uint8 RGB ``[len(indices), H, W, 3]``.
-
-    Raises:
-        VideoIOError: If the video cannot be decoded or an index is out of range.
-    """
-    indices = [int(i) for i in indices]
-    try:
-        import decord
-
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        if indices and max(indices) >= len(reader):
-            raise VideoIOError(f"video {path} has {len(reader)} frames; frame {max(indices)} was asked for")
-        return reader.get_batch(indices).asnumpy()
-    except VideoIOError:
-        raise
-    except Exception as err:  # decord's own error types; PyAV is slower but reads more containers
-        logger.debug("decord could not read %s (%s); trying PyAV", path, err)
-    frames = read_video(path)
-    if indices and max(indices) >= len(frames):
-        raise VideoIOError(f"video {path} has {len(frames)} frames; frame {max(indices)} was asked for")
-    return frames[indices]

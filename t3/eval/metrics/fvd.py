@@ -68,7 +68,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from t3.eval.metrics.base import WeightsError, sha256_file
+from t3.eval.metrics.base import WeightsError
+from t3.io import sha256_file
+from t3.video_io import uint8_to_pixels
 
 __all__ = [
     "FVD_NAME",
@@ -220,8 +222,8 @@ def clip_indices(
 
 
 def _to_unit_range(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` or float ``[T, 3, H, W]`` in [0, 255] -> ``[3, T, H, W]`` float in [-1, 1]."""
-    return (frames / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()
+    """uint8 or float ``[T, 3, H, W]`` in [0, 255] -> ``[3, T, H, W]`` float in [-1, 1]."""
+    return uint8_to_pixels(frames).permute(1, 0, 2, 3).contiguous()
 
 
 def resized_clip(frames: np.ndarray, size: int = I3D_SIZE, *, chunk: int = 4) -> torch.Tensor:

@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from t3.eval.metrics.base import sha256_file
 from t3.eval.metrics.upstream import checkout_paths, import_from_checkout, load_script, upstream_commit
+from t3.io import sha256_file
 
 __all__ = [
     "DOVER_WRITTEN_AGAINST",

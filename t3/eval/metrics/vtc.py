@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
-from t3.eval.metrics.base import sha256_file, uniform_indices
+from t3.eval.metrics.base import uniform_indices
 from t3.eval.metrics.upstream import checkout_paths, import_from_checkout, upstream_commit
+from t3.io import sha256_file
 
 __all__ = [
     "VICLIP_WRITTEN_AGAINST",
