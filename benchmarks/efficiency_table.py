@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from t3.attention.flops import MacBreakdown, dit_macs, grid_for
+from t3.attention.flops import MacBreakdown, dit_macs
 from t3.attention.plan import Grid
 from t3.attention.schedule import Schedule, get_schedule
 from t3.io import write_text_atomic
@@ -71,10 +71,6 @@ class ModelEntry:
     def config(self) -> dict[str, Any]:
         return get_spec(self.preset).dit_config
 
-    @property
-    def vae_stride(self) -> tuple[int, int, int]:
-        return get_spec(self.preset).vae_stride
-
 
 MODELS: tuple[ModelEntry, ...] = (
     ModelEntry("Wan2.1-T2V-1.3B", "wan2.1-t2v-1.3b", "wan21_windows", "wan21_4k"),
@@ -95,7 +91,7 @@ def table_rows() -> list[dict[str, Any]]:
         multiple = get_spec(entry.preset).pixel_multiple
         for label, height, width in RESOLUTIONS:
             height, width = height // multiple * multiple, width // multiple * multiple
-            grid = grid_for(entry.config, entry.vae_stride, height, width, FRAMES)
+            grid = get_spec(entry.preset).video_token_grid(FRAMES, height, width)
             dense = count(entry, grid, None, None)
             both = count(entry, grid, schedule, False)
             shared = count(entry, grid, schedule, True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("prepare")
+from t3.models.build import DTYPES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+logger = logging.getLogger("prepare")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,15 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--samples-per-shard", type=int, default=64, help="inputs per shard")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vae-dtype", choices=_DTYPES, default="float32", help="VAE compute dtype")
+    parser.add_argument("--vae-dtype", choices=DTYPES, default="float32", help="VAE compute dtype")
     parser.add_argument(
         "--text-dtype",
-        choices=[*_DTYPES, "auto"],
+        choices=[*DTYPES, "auto"],
         default="auto",
         help="text encoder dtype; auto: bfloat16 on CUDA, float32 otherwise",
     )
     parser.add_argument(
-        "--latent-dtype", choices=_DTYPES, default="float32", help="dtype latents are stored in"
+        "--latent-dtype", choices=DTYPES, default="float32", help="dtype latents are stored in"
     )
     parser.add_argument(
         "--tiled", action=argparse.BooleanOptionalAction, default=True, help="tiled VAE encoding"
@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         # Settings that differ from existing shards in --out are refused now; the models' identities are
         # compared once they are loaded.
         check_existing_settings(
-            args.out, prepare_settings(entries, **clip, fps=fps, latent_dtype=_DTYPES[args.latent_dtype])
+            args.out, prepare_settings(entries, **clip, fps=fps, latent_dtype=DTYPES[args.latent_dtype])
         )
         text_dtype = args.text_dtype
         if text_dtype == "auto":
             text_dtype = "bfloat16" if device.type == "cuda" else "float32"
-        vae = load_vae(args.vae, dtype=_DTYPES[args.vae_dtype]).to(device)
-        encoder = load_text_encoder(args.text_encoder, dtype=_DTYPES[text_dtype]).to(device)
+        vae = load_vae(args.vae, dtype=DTYPES[args.vae_dtype]).to(device)
+        encoder = load_text_encoder(args.text_encoder, dtype=DTYPES[text_dtype]).to(device)
         cache = PromptEmbeddingCache(
             encoder, args.embedding_cache, max_length=spec.text_len, batch_size=args.text_batch_size
         )
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             **tiles,
             fps=fps,
             tiled=args.tiled,
-            latent_dtype=_DTYPES[args.latent_dtype],
+            latent_dtype=DTYPES[args.latent_dtype],
             decode_workers=args.decode_workers,
             progress=not args.no_progress,
             info={

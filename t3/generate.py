@@ -47,7 +47,8 @@ from t3.models import (
     get_spec,
     load_text_encoder,
 )
-from t3.transform import schedule_of, token_grid
+from t3.models.build import cast_dit
+from t3.transform import schedule_of
 from t3.video_io import pixels_to_uint8, write_video
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "T2VGenerator",
     "Timings",
     "cfg_batch",
-    "check_video_size",
     "generate",
     "make_wan_pipeline",
     "video_file_name",
@@ -74,60 +74,8 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
-# --- size checks ------------------------------------------------------------------------------------------
-
-
 def _as_spec(spec_or_preset: ModelSpec | str) -> ModelSpec:
     return spec_or_preset if isinstance(spec_or_preset, ModelSpec) else get_spec(spec_or_preset)
-
-
-def _nearest(value: int, multiple: int, offset: int = 0) -> str:
-    """The valid sizes ``offset + k * multiple`` (k >= 0, size >= 1) on either side of ``value``."""
-    below = offset + (value - offset) // multiple * multiple
-    candidates = [c for c in (below, below + multiple) if c >= max(1, offset)]
-    if not candidates:
-        candidates = [max(multiple, offset)]
-    return " or ".join(str(c) for c in candidates)
-
-
-def check_video_size(height: int, width: int, frames: int, spec_or_preset: ModelSpec | str) -> None:
-    """Check that a video size is one the model can generate, before any model work.
-
-    Height and width must be multiples of VAE stride x DiT patch (16 for Wan2.1, 32 for Wan2.2) and the frame
-    count must be ``4k + 1``. The authors' 4K size, 2176 x 3840 with 81 frames, is valid for both.
-
-    Args:
-        height: Frame height in pixels.
-        width: Frame width in pixels.
-        frames: Number of frames.
-        spec_or_preset: A `ModelSpec` or preset name (``"wan2.1-t2v-1.3b"``, ...).
-
-    Raises:
-        ValueError: Naming each bad value and the nearest valid sizes, e.g. ``height 2160 is not a multiple
-            of 16 for wan2.1-t2v-1.3b; nearest valid: 2144 or 2176``.
-    """
-    spec = _as_spec(spec_or_preset)
-    problems = []
-    for name, value in (("height", height), ("width", width), ("frames", frames)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-            problems.append(f"{name} must be a positive integer, got {value!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    multiple = spec.pixel_multiple
-    for name, value in (("height", height), ("width", width)):
-        if value % multiple:
-            problems.append(
-                f"{name} {value} is not a multiple of {multiple} for {spec.name}; "
-                f"nearest valid: {_nearest(value, multiple)}"
-            )
-    step = spec.frame_multiple
-    if (frames - 1) % step:
-        problems.append(
-            f"frames {frames} is not of the form {step}k+1 for {spec.name}; "
-            f"nearest valid: {_nearest(frames, step, offset=1)}"
-        )
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def cfg_batch(guidance_scale: float, videos: int = 1) -> int:
@@ -188,34 +136,6 @@ def video_file_name(index: int, seed: int) -> str:
 
 
 # --- the generator ----------------------------------------------------------------------------------------
-
-
-def _floating_dtypes_off(dit: torch.nn.Module, dtype: torch.dtype) -> bool:
-    keep = getattr(dit, "_keep_in_fp32_modules", None) or []
-    return any(
-        p.is_floating_point() and p.dtype != dtype and not any(k in name.split(".") for k in keep)
-        for name, p in dit.named_parameters()
-    )
-
-
-@torch.no_grad()
-def _cast_dit(dit: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the DiT to ``dtype`` in place, keeping diffusers' fp32 modules (norms, time embedder) in fp32.
-
-    Matches what ``from_pretrained(torch_dtype=...)`` and `t3.models.load_dit` do: a plain ``.to(bf16)``
-    would also cast the AdaLN tables and the time embedder, which Wan keeps in float32.
-    """
-    keep = getattr(dit, "_keep_in_fp32_modules", None) or []
-    for name, param in dit.named_parameters():
-        if not param.is_floating_point():
-            continue
-        target = (
-            torch.float32
-            if dtype in (torch.float16, torch.bfloat16) and any(k in name.split(".") for k in keep)
-            else dtype
-        )
-        if param.dtype != target:
-            param.data = param.data.to(target)
 
 
 class T2VGenerator:
@@ -289,9 +209,8 @@ class T2VGenerator:
         self.device = torch.device(device)
         self.dtype = dtype
 
-        if _floating_dtypes_off(dit, dtype):
-            logger.info("casting the DiT to %s (fp32 modules kept)", dtype)
-            _cast_dit(dit, dtype)
+        if cast_dit(dit, dtype):
+            logger.info("cast the DiT to %s (fp32 modules kept)", dtype)
         self.dit = dit.to(self.device).eval().requires_grad_(False)
         if isinstance(schedule, str) and schedule.lower() == "none":
             schedule = None
@@ -338,15 +257,14 @@ class T2VGenerator:
 
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, int, int, int]:
         """Latent ``(C, T, H, W)`` of one video; checks the size first (legal, within the RoPE table)."""
-        check_video_size(height, width, frames, self.spec)
-        self.spec.video_token_grid(frames, height, width)
+        self.spec.video_token_grid(frames, height, width)  # names the nearest valid sizes
         return self.spec.latent_shape(frames, height, width)
 
     def check_schedule(self, height: int, width: int, frames: int) -> None:
         """Fail now, naming the layer, if the T3 schedule cannot run on this video's token grid."""
         if self.schedule is None:
             return
-        grid = token_grid(self.dit, (1, *self.latent_shape(height, width, frames)))
+        grid = self.spec.video_token_grid(frames, height, width)
         self.schedule.plans(grid, len(self.dit.blocks))
 
     def check_memory(self, height: int, width: int, frames: int, batch: int) -> None:

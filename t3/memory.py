@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from t3.models.presets import ModelSpec, get_spec
+from t3.models.presets import ModelSpec
 
 if TYPE_CHECKING:
     from t3.config import StrategyConfig
@@ -91,10 +91,9 @@ class DoesNotFitError(ValueError):
 @functools.cache
 def dit_parameter_count(preset: str) -> int:
     """Parameters of the DiT of ``preset``, counted on the meta device (nothing is allocated)."""
-    from diffusers import WanTransformer3DModel
+    from t3.models.build import dit_from_preset
 
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**get_spec(preset).dit_config)
+    model = dit_from_preset(preset, device="meta")
     return sum(p.numel() for p in model.parameters())
 
 

@@ -157,7 +157,7 @@ def test_prepare_rejects_sizes_the_model_cannot_take(workspace, tmp_path: Path, 
     args = _args(workspace, tmp_path / "out")
     args[args.index("--frames") + 1] = "6"
     assert _load_prepare().main(args) == 2
-    assert "num_frames must be 1 + 4k" in caplog.text
+    assert "frames 6 is not of the form 4k+1 for tiny; nearest valid: 5 or 9" in caplog.text
     assert not (tmp_path / "out").exists()
 
 

@@ -21,7 +21,6 @@ from t3.attention import WindowPlan, build_schedule, get_schedule, t3_attention
 from t3.attention.flops import (
     dense_attention_macs,
     dit_macs,
-    grid_for,
     plan_attention_macs,
     schedule_attention_macs,
 )
@@ -216,11 +215,11 @@ def test_window_presets_cost_the_authors_plans_at_4k(config, windows, pieces, gr
 # (d) grids
 
 
-def test_grid_for():
-    assert grid_for(WAN21, (4, 8, 8), 2176, 3840, 81) == (21, 136, 240)
-    assert grid_for(WAN22, (4, 16, 16), 2176, 3840, 81) == (21, 68, 120)
-    assert grid_for((1, 2, 2), (4, 8, 8), 480, 832, 81) == (21, 30, 52)
-    assert grid_for(WanTransformer3DModel(**TINY), (4, 8, 8), 64, 96, 9) == (3, 4, 6)
+def test_video_token_grid():
+    assert get_spec("wan2.1-t2v-1.3b").video_token_grid(81, 2176, 3840) == (21, 136, 240)
+    assert get_spec("wan2.2-ti2v-5b").video_token_grid(81, 2176, 3840) == (21, 68, 120)
+    assert get_spec("wan2.1-t2v-1.3b").video_token_grid(81, 480, 832) == (21, 30, 52)
+    assert get_spec("tiny").video_token_grid(9, 64, 96) == (3, 4, 6)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,12 +17,11 @@ from t3.attention import PlanError, build_schedule
 from t3.generate import (
     WAN_NEGATIVE_PROMPT,
     T2VGenerator,
-    check_video_size,
     generate,
     make_wan_pipeline,
     video_file_name,
 )
-from t3.models import load_dit, load_text_encoder, load_vae
+from t3.models import get_spec, load_dit, load_text_encoder, load_vae
 from t3.models.tiny import save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
 from t3.video_io import VideoIOError, read_video, video_info, write_video
 
@@ -82,8 +81,8 @@ def count_dit_calls(gen: T2VGenerator) -> list[int]:
 
 @pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"])
 def test_authors_4k_size_is_valid(preset):
-    check_video_size(2176, 3840, 81, preset)
-    check_video_size(704, 1280, 121, preset)
+    get_spec(preset).check_video_size(81, 2176, 3840)
+    get_spec(preset).check_video_size(121, 704, 1280)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +116,8 @@ def test_authors_4k_size_is_valid(preset):
 )
 def test_invalid_sizes_name_the_nearest_valid_ones(size, preset, message):
     with pytest.raises(ValueError, match=message):
-        check_video_size(*size, preset)
+        height, width, frames = size
+        get_spec(preset).check_video_size(frames, height, width)
 
 
 def test_invalid_size_fails_before_any_model_work(generator, tmp_path):

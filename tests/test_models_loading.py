@@ -97,7 +97,7 @@ def test_specs():
     spec = get_spec("Wan2.2-TI2V-5B")
     assert spec.vae_channels == 48 == spec.dit_config["in_channels"] and spec.dim == 3072
     assert spec.latent_shape(121, 704, 1280) == (48, 31, 44, 80)
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="height 720 is not a multiple of 32 .* nearest valid: 704 or 736"):
         spec.latent_shape(121, 720, 1280)
     tiny = get_spec("tiny")
     assert tiny.vae_channels == TINY_VAE_CONFIG["z_dim"] == tiny.dit_config["in_channels"]
@@ -345,3 +345,42 @@ def test_loaded_model_matches_file_even_without_grad(model, tmp_path: Path):
     loaded = load_dit(tmp_path / "ckpt")
     assert not loaded.rope.freqs_cos.is_meta
     assert torch.equal(loaded.rope.freqs_cos, model.rope.freqs_cos)
+
+
+# --- build: dtype names, preset DiTs, fp32-keeping casts --------------------------------------------------
+
+
+def test_dtype_names_and_aliases():
+    from t3.models.build import as_dtype
+
+    assert as_dtype("bf16") is as_dtype("torch.bfloat16") is as_dtype("BFloat16") is torch.bfloat16
+    assert (
+        as_dtype("half") is torch.float16
+        and as_dtype(None) is None
+        and as_dtype(torch.float32) is torch.float32
+    )
+    with pytest.raises(ValueError, match=r"unknown dtype 'int8'; expected a torch.dtype or one of \["):
+        as_dtype("int8")
+
+
+def test_dit_from_preset_is_seeded_and_leaves_the_global_rng_alone():
+    from t3.models.build import dit_from_preset
+
+    state = torch.random.get_rng_state()
+    a, b = dit_from_preset("tiny", seed=3), dit_from_preset("tiny", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    meta = dit_from_preset("wan2.1-t2v-1.3b", device="meta", num_layers=2)
+    assert len(meta.blocks) == 2 and next(meta.parameters()).is_meta
+
+
+def test_cast_dit_keeps_the_fp32_modules():
+    from t3.models.build import cast_dit
+
+    model = tiny_dit()
+    assert cast_dit(model, torch.bfloat16)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].norm2.weight.dtype == torch.float32  # in diffusers' _keep_in_fp32_modules
+    assert not cast_dit(model, torch.bfloat16)  # nothing left to cast

@@ -17,7 +17,7 @@ group (padding included), ``nb`` branches computed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,7 +28,6 @@ __all__ = [
     "MacBreakdown",
     "dense_attention_macs",
     "dit_macs",
-    "grid_for",
     "plan_attention_macs",
     "schedule_attention_macs",
 ]
@@ -163,35 +162,11 @@ def _as_config(config: Any) -> Any:
     return config
 
 
-def _patch(config_or_patch: Any) -> tuple[int, int, int]:
-    if isinstance(config_or_patch, Sequence) and not isinstance(config_or_patch, str):
-        patch = tuple(config_or_patch)
-    else:
-        patch = tuple(_config_value(_as_config(config_or_patch), "patch_size"))
+def _patch(config: Any) -> tuple[int, int, int]:
+    patch = tuple(_config_value(_as_config(config), "patch_size"))
     if len(patch) != 3 or any(int(p) != p or p < 1 for p in patch):
         raise ValueError(f"patch size must be three positive ints (p_t, p_h, p_w), got {patch}")
     return (int(patch[0]), int(patch[1]), int(patch[2]))
-
-
-def grid_for(
-    config_or_patch: Any, vae_stride: Sequence[int], height: int, width: int, frames: int
-) -> tuple[int, int, int]:
-    """Post-patch token grid ``(T, H, W)`` of a ``frames x height x width`` video.
-
-    The Wan VAE keeps the first frame and compresses the rest by ``stride_t`` (so 81 frames give
-    21 latent frames), and divides height and width by its spatial stride; the DiT then patchifies.
-
-    Args:
-        config_or_patch: a DiT config (mapping with ``patch_size``), a model, or ``(p_t, p_h, p_w)``.
-        vae_stride: ``(stride_t, stride_h, stride_w)`` of the VAE.
-        height: video height in pixels.
-        width: video width in pixels.
-        frames: video frames.
-    """
-    p_t, p_h, p_w = _patch(config_or_patch)
-    s_t, s_h, s_w = (int(s) for s in vae_stride)
-    grid = (((frames - 1) // s_t + 1) // p_t, height // (s_h * p_h), width // (s_w * p_w))
-    return check_grid(grid)
 
 
 def dit_macs(

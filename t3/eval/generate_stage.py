@@ -39,13 +39,13 @@ from t3.generate import (
     WAN_NEGATIVE_PROMPT,
     T2VGenerator,
     cfg_batch,
-    check_video_size,
     generate,
     video_file_name,
 )
 from t3.io import sha256_file, write_json_atomic, write_text_atomic
 from t3.memory import check_inference_memory
 from t3.models import get_spec, load_dit, load_text_encoder, load_vae
+from t3.models.build import DTYPES
 from t3.profiling import device_name
 from t3.video_io import VideoIOError, video_info, write_video
 
@@ -87,9 +87,6 @@ RECORD_KEYS = (
     "schedule_rules",
     "checkpoint_sha256",
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # --- settings ---------------------------------------------------------------------------------------------
 
@@ -162,9 +159,9 @@ class GenerationSettings:
             raise ValueError(
                 f"generation.sampler must be one of {list(SCHEDULER_NAMES)}, got {self.sampler!r}"
             )
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
-                f"generation.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+                f"generation.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
             )
 
     @property
@@ -254,7 +251,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    return DTYPES[dtype]
 
 
 # --- jobs and their files ---------------------------------------------------------------------------------
@@ -428,8 +425,7 @@ def _expected_record(
 def check_settings(settings: GenerationSettings, model: ModelPaths, schedule: Schedule) -> None:
     """Size and schedule checks from the config alone (no weights), with one-line errors."""
     spec = get_spec(model.preset)
-    check_video_size(settings.height, settings.width, settings.frames, spec)
-    grid = spec.video_token_grid(settings.frames, settings.height, settings.width)  # within the RoPE table
+    grid = spec.video_token_grid(settings.frames, settings.height, settings.width)  # legal, within RoPE
     schedule.plans(grid, int(spec.dit_config["num_layers"]))
 
 

@@ -179,14 +179,12 @@ def attention_seconds(
 
 def _build_dit(model: ModelPaths, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
     if model.dit_path is None:
-        from diffusers import WanTransformer3DModel
-
-        from t3.models import dit_config
+        from t3.models.build import dit_from_preset
 
         logger.info(
             "speed: %s DiT with random weights (timings do not depend on weight values)", model.preset
         )
-        return WanTransformer3DModel(**dit_config(model.preset)).eval(), "random init"
+        return dit_from_preset(model.preset).eval(), "random init"
     return model.load_dit(dtype), str(model.dit_path)
 
 

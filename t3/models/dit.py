@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from t3.attention import Schedule, get_schedule
 from t3.io import atomic_folder, atomic_path, give_umask_mode
+from t3.models.build import as_dtype, cast_state_dict
 from t3.models.presets import DIT_PRESETS, dit_config, preset_names
 from t3.models.record import RECORD_KEY, T3Record
 from t3.models.wan_keys import (
@@ -131,7 +132,7 @@ def load_dit(
     from t3.models.record import choose_schedule
 
     path = Path(path)
-    target_dtype = _as_dtype(dtype)
+    target_dtype = as_dtype(dtype)
     if preset is not None:
         config, config_origin = dit_config(preset), f"preset {preset!r}"  # validates the name early
     ckpt = _inspect(path)
@@ -175,14 +176,14 @@ def load_dit(
 
     state_dict = _read_tensors(ckpt, [k for k in expected if k in ckpt.shape])
     if target_dtype is not None:
-        state_dict = _cast(state_dict, target_dtype, model._keep_in_fp32_modules)
+        state_dict = cast_state_dict(state_dict, target_dtype, model._keep_in_fp32_modules)
 
     if missing:
         # Missing parameters need real (random) initial values, so build the model for real this time.
         model = WanTransformer3DModel.from_config(config)
         initial = {k: v for k, v in model.state_dict().items() if k in set(missing)}
         if target_dtype is not None:
-            initial = _cast(initial, target_dtype, model._keep_in_fp32_modules)
+            initial = cast_state_dict(initial, target_dtype, model._keep_in_fp32_modules)
         state_dict = {**initial, **state_dict}
     # assign=True adopts the loaded tensors as they are (no copy, stored dtype preserved).
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -387,42 +388,6 @@ def _read_tensors(ckpt: _Checkpoint, names: list[str]) -> dict[str, torch.Tensor
             for name in file_names:
                 out[name] = f.get_tensor(ckpt.raw_key[name])
     return {name: out[name] for name in names}  # model order, for readable state dicts
-
-
-def _cast(
-    state_dict: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: list[str] | None
-) -> dict[str, torch.Tensor]:
-    low_precision = dtype in (torch.float16, torch.bfloat16)
-    out = {}
-    for name, tensor in state_dict.items():
-        if not tensor.is_floating_point():
-            out[name] = tensor
-        elif low_precision and keep_fp32 and any(m in name.split(".") for m in keep_fp32):
-            out[name] = tensor.float()
-        else:
-            out[name] = tensor.to(dtype)
-    return out
-
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = dtype.removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected a torch.dtype or one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
 
 
 # --- saving -----------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ codebase uses to talk about a model family. From it follow
   load checkpoints in the original Wan key format, which carry no config of their own;
 * the VAE facts (latent channels, spatial/temporal stride) that decide which pixel sizes are legal.
 
+The spec is the one owner of the size facts: which video sizes a model takes (`ModelSpec.check_video_size`,
+whose errors name the nearest valid sizes), their latent shape (`ModelSpec.latent_shape`) and token grid
+(`ModelSpec.video_token_grid`, `ModelSpec.token_grid`). Everything else asks it instead of dividing by
+strides and patch sizes itself.
+
 The real values are those of the Wan releases (their ``config.json``) and of the diffusers ports
 (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``).
 """
@@ -14,6 +19,7 @@ The real values are those of the Wan releases (their ``config.json``) and of the
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,6 +31,7 @@ __all__ = [
     "ModelSpec",
     "dit_config",
     "get_spec",
+    "nearest_valid",
     "preset_names",
 ]
 
@@ -122,23 +129,46 @@ class ModelSpec:
         """Frame counts must be ``1 + frame_multiple * k`` (the VAE keeps the first frame on its own)."""
         return self.vae_stride[0] * self.patch_size[0]
 
+    def check_video_size(self, num_frames: int, height: int, width: int) -> None:
+        """Check that this model takes videos of ``num_frames x height x width``, before any model work.
+
+        Height and width must be multiples of `pixel_multiple` (16 for Wan2.1, 32 for Wan2.2) and the
+        frame count of the form ``frame_multiple * k + 1``. The authors' 4K size, 2176 x 3840 with 81
+        frames, is valid for both.
+
+        Raises:
+            ValueError: Naming each bad value and the nearest valid ones, e.g. ``height 2160 is not a
+                multiple of 32 for wan2.2-ti2v-5b; nearest valid: 2144 or 2176``.
+        """
+        sizes = (("height", height), ("width", width), ("frames", num_frames))
+        problems = [
+            f"{name} must be a positive integer, got {value!r}"
+            for name, value in sizes
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
+        ]
+        if not problems:
+            for name, value in sizes[:2]:
+                if value % self.pixel_multiple:
+                    problems.append(
+                        f"{name} {value} is not a multiple of {self.pixel_multiple} for {self.name}; "
+                        f"nearest valid: {_either(nearest_valid(value, self.pixel_multiple))}"
+                    )
+            if (num_frames - 1) % self.frame_multiple:
+                problems.append(
+                    f"frames {num_frames} is not of the form {self.frame_multiple}k+1 for {self.name}; "
+                    f"nearest valid: {_either(nearest_valid(num_frames, self.frame_multiple, offset=1))}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent ``(C, T, H, W)`` of a ``num_frames x height x width`` video.
 
         Raises:
-            ValueError: If the video size is not legal for this model.
+            ValueError: If the video size is not legal for this model (`check_video_size`).
         """
+        self.check_video_size(num_frames, height, width)
         st, sh, sw = self.vae_stride
-        if min(num_frames, height, width) < 1:
-            raise ValueError(
-                f"{self.name}: num_frames, height and width must be positive, got {num_frames}x{height}x{width}"
-            )
-        if (num_frames - 1) % self.frame_multiple:
-            raise ValueError(f"{self.name}: num_frames must be 1 + {self.frame_multiple}k, got {num_frames}")
-        if height % self.pixel_multiple or width % self.pixel_multiple:
-            raise ValueError(
-                f"{self.name}: height and width must be multiples of {self.pixel_multiple}, got {height}x{width}"
-            )
         return (self.vae_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
 
     @property
@@ -219,6 +249,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         text_dim=16,
     ),
 }
+
+
+def nearest_valid(value: int, multiple: int, offset: int = 0) -> list[int]:
+    """The valid sizes ``offset + k * multiple`` (``k >= 0``, size ``>= 1``) on either side of ``value``."""
+    below = offset + (value - offset) // multiple * multiple
+    candidates = [c for c in (below, below + multiple) if c >= max(1, offset)]
+    return candidates or [max(multiple, offset)]
+
+
+def _either(candidates: Sequence[int]) -> str:
+    return " or ".join(str(c) for c in candidates)
 
 
 def preset_names() -> list[str]:
