@@ -13,13 +13,13 @@ from safetensors.torch import save as save_safetensors
 
 from t3.data.shards import (
     SampleError,
-    SkipCounter,
     build_latent_dataset,
     decode_sample,
     encode_sample,
     list_shards,
     write_shards,
 )
+from t3.data.skips import SkipCounter
 
 TEXT_DIM = 16
 
@@ -111,7 +111,7 @@ def _broken_shard(path: Path) -> tuple[list[str], dict[str, int]]:
 def test_broken_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog):
     good, expected = _broken_shard(tmp_path / "shard-000000.tar")
     dataset = build_latent_dataset(tmp_path, text_dim=TEXT_DIM, latent_channels=4)
-    with caplog.at_level(logging.WARNING, logger="t3.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="t3.data.skips"):
         keys = _keys(dataset)
     assert keys == good
     assert dict(dataset.skips.counts) == expected

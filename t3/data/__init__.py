@@ -1,8 +1,9 @@
 """Training data: latent shards (schema, writer, fault-tolerant streaming reader), resolution buckets, clip
 decoding and a synthetic moving-shape source for tests and CPU demos.
 
-* :mod:`t3.data.shards`: the sample schema, :func:`build_latent_dataset`, :func:`write_shards` and
-  :func:`prepare_shards` (the logic of ``data/prepare.py``).
+* :mod:`t3.data.shards`: the sample schema, :func:`write_shards` and :func:`build_latent_dataset`.
+* :mod:`t3.data.shard_writer`: :func:`prepare_shards`, shards from raw videos (the logic of ``data/prepare.py``).
+* :mod:`t3.data.skips`: why samples are skipped and the counter that totals skips.
 * :mod:`t3.data.buckets`: batching by latent shape.
 * :mod:`t3.data.video`: :func:`load_clip` and its error types.
 * :mod:`t3.data.synthetic`: procedural videos with captions, as pixels or as encoded samples.
@@ -13,29 +14,29 @@ decoding and a synthetic moving-shape source for tests and CPU demos.
 from __future__ import annotations
 
 from t3.data.buckets import BucketBatcher, collate_samples, consecutive_batches, latent_shape_key
-from t3.data.shards import (
-    SCHEMA_VERSION,
-    SKIP_REASONS,
-    SKIPPED_KEY,
-    LatentShardDataset,
+from t3.data.shard_writer import (
     PrepareResult,
-    SampleError,
-    SkipCounter,
     VideoListEntry,
-    allowed_latent_shapes,
-    build_latent_dataset,
     check_existing_settings,
     check_prepare_arguments,
+    prepare_settings,
+    prepare_shards,
+    read_video_list,
+)
+from t3.data.shards import (
+    SCHEMA_VERSION,
+    LatentShardDataset,
+    SampleError,
+    allowed_latent_shapes,
+    build_latent_dataset,
     check_shard_source,
     decode_sample,
     encode_sample,
     list_shards,
-    prepare_settings,
-    prepare_shards,
     read_manifest,
-    read_video_list,
     write_shards,
 )
+from t3.data.skips import SKIP_REASONS, SKIPPED_KEY, SkipCounter
 from t3.data.synthetic import SyntheticLatentDataset, SyntheticVideoDataset, synthetic_video
 from t3.data.video import (
     Clip,
