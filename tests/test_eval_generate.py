@@ -19,7 +19,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from t3.eval import main, run
-from t3.eval.generate_stage import checkpoint_sha256, is_complete, video_jobs
+from t3.eval.generate_stage import checkpoint_sha256
+from t3.eval.jobs import is_complete, video_jobs
 from t3.eval.prompts import load_prompts
 from t3.models.tiny import save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
 from t3.video_io import read_video, video_info, write_video

@@ -368,3 +368,17 @@ def test_fvd_compares_videos_at_two_frame_rates_at_the_same_times(i3d_path, tmp_
         frechet_eigh(features(refs, list(range(0, 32, 2))), gen), abs=1e-6
     )
     assert aligned["value"] < 0.05 * consecutive, (aligned["value"], consecutive)  # codec noise only
+
+
+def test_metrics_node_is_read_through_its_typed_schema():
+    from t3.config import ConfigError
+    from t3.eval.settings import MetricsConfig, ScoreSettings, from_node
+
+    node = {"fvd_i3d": {"num_frames": 8, "fps": 24}, "fvd_i3d_crop224": {"seed": 3}, "vqa_dover": {"seed": 1}}
+    settings = ScoreSettings.from_metrics(from_node(MetricsConfig, node, "metrics"))
+    assert (settings.fvd.num_frames, settings.fvd.fps, settings.fvd.tile_seed) == (8, 24, 3)
+    assert settings.dover.seed == 1 and settings.clip_num_frames == 8
+    with pytest.raises(ValueError, match=r"^metrics.fvd_i3d.frames: unknown key; accepted: \["):
+        from_node(MetricsConfig, {"fvd_i3d": {"frames": 8}}, "metrics")
+    with pytest.raises(ConfigError, match="metrics.vtc_clip.num_frames"):
+        from_node(MetricsConfig, {"vtc_clip": {"num_frames": "eight"}}, "metrics")

@@ -29,43 +29,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from t3.attention import Schedule
-from t3.config import check_field_types
-from t3.diffusion import SCHEDULER_NAMES
-from t3.eval.prompts import PromptEntry, shard_range
+from t3.eval.jobs import VideoJob, completed_record, shard_jobs
+from t3.eval.prompts import PromptEntry
+from t3.eval.settings import GenerationSettings, ModelPaths, check_settings, resolve_device, resolve_dtype
 from t3.generate import (
-    WAN_NEGATIVE_PROMPT,
     T2VGenerator,
     cfg_batch,
     generate,
-    video_file_name,
 )
-from t3.io import sha256_file, write_json_atomic, write_text_atomic
+from t3.io import sha256_file, write_json_atomic
 from t3.memory import check_inference_memory
-from t3.models import get_spec, load_dit, load_text_encoder, load_vae
-from t3.models.build import DTYPES
+from t3.models import get_spec
 from t3.profiling import device_name
-from t3.video_io import VideoIOError, video_info, write_video
+from t3.video_io import write_video
 
 __all__ = [
-    "GenerationSettings",
     "GenerationSummary",
-    "ModelPaths",
-    "VideoJob",
     "check_memory",
-    "check_settings",
     "checkpoint_sha256",
-    "completed_record",
-    "is_complete",
-    "resolve_device",
-    "resolve_dtype",
     "run_generation",
-    "shard_jobs",
-    "video_jobs",
-    "write_json_atomic",
-    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,233 +71,7 @@ RECORD_KEYS = (
     "checkpoint_sha256",
 )
 
-# --- settings ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How every video of a run is generated (the ``generation`` config node).
-
-    Attributes:
-        height: Frame height in pixels (the authors' 4K: 2176).
-        width: Frame width in pixels (3840).
-        frames: Frames per video, ``4k + 1`` (81).
-        steps: Sampler steps (50).
-        guidance_scale: Classifier-free guidance scale (5.0).
-        flow_shift: Timestep shift of the sampler (5.0).
-        seeds: One video per prompt and seed; each video's noise comes from its seed alone.
-        negative_prompt: Negative prompt; None = Wan's standard one (`t3.generate.WAN_NEGATIVE_PROMPT`).
-        fps: Frame rate written into the mp4s (the authors saved at 30).
-        sampler: ``diffsynth_euler`` (the T3 authors' sampler), ``unipc`` (the official Wan sampler) or
-            ``euler`` (diffusers' flow-matching Euler); see `t3.diffusion.build_scheduler`.
-        dtype: DiT compute dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``bfloat16``, ``float32``...
-        device: ``auto`` (CUDA if available), ``cuda``, ``cpu``...
-        backend: T3 attention backend (``auto``, ``sdpa``, ``flash``).
-        tokens_per_call: bound on the gathered slots per T3 attention call (from
-            ``model.attention_tokens_per_call``); None: automatic.
-        vae_tiling: Decode in spatial tiles (needed at 4K).
-    """
-
-    height: int = 2176
-    width: int = 3840
-    frames: int = 81
-    steps: int = 50
-    guidance_scale: float = 5.0
-    flow_shift: float = 5.0
-    seeds: tuple[int, ...] = (0,)
-    negative_prompt: str | None = None
-    fps: float = 30.0
-    sampler: str = "diffsynth_euler"
-    dtype: str = "auto"
-    device: str = "auto"
-    backend: str = "auto"
-    tokens_per_call: int | None = None
-    vae_tiling: bool = True
-
-    def __post_init__(self) -> None:
-        # Types first (a value of the wrong type would otherwise fail inside a model, naming no key).
-        check_field_types(
-            self,
-            "generation",
-            {"backend": "model.attention_backend", "tokens_per_call": "model.attention_tokens_per_call"},
-        )
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if self.tokens_per_call is not None and (
-            isinstance(self.tokens_per_call, bool)
-            or not isinstance(self.tokens_per_call, int)
-            or self.tokens_per_call < 1
-        ):
-            raise ValueError(
-                f"model.attention_tokens_per_call must be a positive integer or null, got {self.tokens_per_call!r}"
-            )
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(
-                f"generation.seeds must be a non-empty list of distinct ints, got {list(self.seeds)}"
-            )
-        if self.steps < 1:
-            raise ValueError(f"generation.steps must be >= 1, got {self.steps}")
-        if not self.fps > 0:
-            raise ValueError(f"generation.fps must be > 0, got {self.fps}")
-        if self.sampler not in SCHEDULER_NAMES:
-            raise ValueError(
-                f"generation.sampler must be one of {list(SCHEDULER_NAMES)}, got {self.sampler!r}"
-            )
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(
-                f"generation.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
-            )
-
-    @property
-    def negative(self) -> str:
-        return WAN_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
-
-
-@dataclass(frozen=True)
-class ModelPaths:
-    """Where the parts of the model are (the ``model`` config node plus ``ckpt``).
-
-    For the ``tiny`` preset a null path means the tiny random part (`t3.models.tiny`), built in memory
-    from ``seed``: a CPU end-to-end run with nothing on disk. Every other preset needs all three paths.
-
-    Attributes:
-        preset: Model preset (`t3.models.preset_names`).
-        dit_path: DiT checkpoint in any format `t3.models.load_dit` reads (``ckpt`` overrides the model's).
-        vae_path: Wan VAE folder.
-        text_encoder_path: umT5 folder.
-        seed: Seed of the tiny random parts (``model.seed``).
-    """
-
-    preset: str
-    dit_path: str | None
-    vae_path: str | None
-    text_encoder_path: str | None
-    seed: int = 0
-
-    @property
-    def random_parts(self) -> bool:
-        """Whether null paths stand for the tiny random parts."""
-        return self.preset == "tiny"
-
-    def check(self) -> None:
-        """One-line error naming the key of the first missing path."""
-        for key, value in (
-            ("ckpt / model.dit_path", self.dit_path),
-            ("model.vae_path", self.vae_path),
-            ("model.text_encoder_path", self.text_encoder_path),
-        ):
-            if value is None:
-                if self.random_parts:
-                    continue
-                raise ValueError(
-                    f"{key} is required for generation (a local path), got null; only model=tiny builds "
-                    "random parts in memory"
-                )
-            if not Path(value).exists():
-                raise FileNotFoundError(f"{key}={value!r}: no such file or folder")
-
-    @property
-    def dit_source(self) -> str:
-        """The DiT's path, or what stands in for it."""
-        return str(self.dit_path) if self.dit_path is not None else f"tiny random DiT (seed {self.seed})"
-
-    def load_dit(self, dtype: torch.dtype) -> torch.nn.Module:
-        """The DiT in ``dtype`` on the CPU (the tiny random one for a null path)."""
-        if self.dit_path is None:
-            from t3.models.tiny import tiny_dit
-
-            return tiny_dit(self.seed)
-        return load_dit(self.dit_path, preset=self.preset, dtype=dtype, transform=False)
-
-    def load_vae(self) -> torch.nn.Module:
-        """The VAE in float32 on the CPU (the tiny random one for a null path)."""
-        if self.vae_path is None:
-            from t3.models.tiny import tiny_vae
-
-            return tiny_vae(self.seed)
-        return load_vae(self.vae_path, dtype=torch.float32)
-
-    def load_text_encoder(self, dtype: torch.dtype) -> Any:
-        """The text encoder in ``dtype`` on the CPU (the tiny random one for a null path)."""
-        if self.text_encoder_path is None:
-            from t3.models.tiny import tiny_text_encoder
-
-            return tiny_text_encoder(self.seed).to(dtype=dtype)
-        return load_text_encoder(self.text_encoder_path, dtype=dtype)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
-
-
-# --- jobs and their files ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VideoJob:
-    """One video to make: a prompt, a seed and its two files."""
-
-    entry: PromptEntry
-    seed: int
-    mp4: Path
-    record: Path
-
-    @property
-    def name(self) -> str:
-        return self.mp4.name
-
-
-def video_jobs(
-    entries: Sequence[PromptEntry], seeds: Sequence[int], out_dir: str | os.PathLike
-) -> list[VideoJob]:
-    """Every (prompt, seed) video of ``entries`` in prompt-major order."""
-    out = Path(out_dir)
-    jobs = []
-    for entry in entries:
-        for seed in seeds:
-            mp4 = out / video_file_name(entry.index, seed)
-            jobs.append(VideoJob(entry=entry, seed=int(seed), mp4=mp4, record=mp4.with_suffix(".json")))
-    return jobs
-
-
-def shard_jobs(
-    entries: Sequence[PromptEntry],
-    seeds: Sequence[int],
-    out_dir: str | os.PathLike,
-    shard_index: int,
-    num_shards: int,
-) -> list[VideoJob]:
-    """The jobs of one shard: all seeds of its contiguous range of prompts."""
-    part = shard_range(len(entries), shard_index, num_shards)
-    return video_jobs([entries[i] for i in part], seeds, out_dir)
-
-
-def completed_record(job: VideoJob) -> dict[str, Any] | None:
-    """The job's record if the job is complete, else None.
-
-    Complete means: the mp4 and the record both exist and agree on the frame count. The record is
-    written atomically after the mp4, so a record never describes a video still being written.
-    """
-    if not job.mp4.is_file():
-        return None
-    try:
-        record = json.loads(job.record.read_text(encoding="utf-8"))
-        frames = video_info(job.mp4).frames
-    except (OSError, json.JSONDecodeError, VideoIOError):
-        return None
-    return record if isinstance(record, dict) and record.get("frames") == frames else None
-
-
-def is_complete(job: VideoJob) -> bool:
-    """Whether the job's mp4 and record both exist and agree on the frame count."""
-    return completed_record(job) is not None
+# --- partial files and records of another run ----------------------------------------------------------
 
 
 def _remove_partials(job: VideoJob) -> None:
@@ -420,13 +177,6 @@ def _expected_record(
         + f"; share_identical_branches={schedule.share_identical_branches}",
         "checkpoint_sha256": ckpt_sha,
     }
-
-
-def check_settings(settings: GenerationSettings, model: ModelPaths, schedule: Schedule) -> None:
-    """Size and schedule checks from the config alone (no weights), with one-line errors."""
-    spec = get_spec(model.preset)
-    grid = spec.video_token_grid(settings.frames, settings.height, settings.width)  # legal, within RoPE
-    schedule.plans(grid, int(spec.dit_config["num_layers"]))
 
 
 def check_memory(settings: GenerationSettings, model: ModelPaths) -> None:

@@ -12,7 +12,6 @@ Relative paths are relative to the working directory (Hydra does not change it, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -22,11 +21,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from t3.attention import Schedule, get_schedule
-from t3.eval.generate_stage import GenerationSettings, ModelPaths, check_settings, run_generation
-from t3.eval.metrics import DoverSettings, ViClipSettings
+from t3.eval.generate_stage import run_generation
 from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
-from t3.eval.score_stage import FVDSettings, ScoreSettings, run_scoring
-from t3.eval.speed_stage import SpeedSettings, run_speed
+from t3.eval.score_stage import run_scoring
+from t3.eval.settings import (
+    check_settings,
+    generation_settings,
+    model_paths,
+    score_settings,
+    speed_settings,
+)
+from t3.eval.speed_stage import run_speed
 from t3.models.record import T3Record, choose_schedule
 from t3.summary import describe_error, write_run_summary
 
@@ -35,24 +40,6 @@ __all__ = ["STAGES", "eval_schedule", "main", "register_resolvers", "run"]
 logger = logging.getLogger(__name__)
 
 STAGES = ("generate", "score", "speed")
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def _settings(cls: type, node: Any, key: str) -> Any:
-    """Build the settings dataclass ``cls`` from config node ``key``, naming unknown or bad keys."""
-    values = _plain(node) or {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{key}.{unknown[0]}: unknown key; accepted: {sorted(names)}")
-    return cls(**values)
-
-
-def _dit_path(cfg: DictConfig) -> str | None:
-    return cfg.ckpt if cfg.ckpt is not None else OmegaConf.select(cfg, "model.dit_path")
 
 
 def _existing_record(path: str | None) -> T3Record | None:
@@ -88,7 +75,7 @@ def eval_schedule(cfg: DictConfig) -> Schedule:
     """
     from hydra.utils import instantiate
 
-    path = _dit_path(cfg)
+    path = model_paths(cfg).dit_path
     record = _existing_record(path)
     if cfg.t3.get("from_checkpoint"):
         if record is not None:
@@ -117,18 +104,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("t3.recorded_schedule", recorded_schedule_name, replace=True)
 
 
-def _model(cfg: DictConfig) -> ModelPaths:
-    # select() reads a mandatory-but-unset value (``dit_path: ???``) as None: the dry run and the MAC
-    # count need no weights, and generation names the missing key itself.
-    return ModelPaths(
-        preset=cfg.model.preset,
-        dit_path=_dit_path(cfg),
-        vae_path=OmegaConf.select(cfg, "model.vae_path"),
-        text_encoder_path=OmegaConf.select(cfg, "model.text_encoder_path"),
-        seed=OmegaConf.select(cfg, "model.seed", default=0),
-    )
-
-
 def _prompts(cfg: DictConfig) -> list[PromptEntry]:
     path = cfg.benchmark.prompts
     if path is None:
@@ -138,19 +113,6 @@ def _prompts(cfg: DictConfig) -> list[PromptEntry]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"benchmark.prompts={str(path)!r}: no such file (relative to {Path.cwd()})")
     return load_prompts(path, limit=cfg.benchmark.get("limit"))
-
-
-def _generation(cfg: DictConfig) -> GenerationSettings:
-    values = _plain(cfg.generation)
-    if "backend" in values:
-        raise ValueError(
-            "generation.backend: unknown key; the T3 attention backend is model.attention_backend"
-        )
-    values["backend"] = OmegaConf.select(cfg, "model.attention_backend", default="auto")
-    values["tokens_per_call"] = OmegaConf.select(cfg, "model.attention_tokens_per_call", default=None)
-    if "seeds" in values:
-        values["seeds"] = tuple(values["seeds"])
-    return _settings(GenerationSettings, values, "generation")
 
 
 def main(cfg: DictConfig) -> Any:
@@ -222,8 +184,8 @@ def _write_summary(cfg: DictConfig, out_dir: str, started: float, *, metrics: di
 def _run_generate(cfg: DictConfig) -> Any:
     entries = _prompts(cfg)
     shard_index, num_shards = resolve_shard(cfg.shard_index, cfg.num_shards)
-    settings = _generation(cfg)
-    model = _model(cfg)
+    settings = generation_settings(cfg)
+    model = model_paths(cfg)
     schedule = eval_schedule(cfg)
     if cfg.dry_run:
         check_settings(settings, model, schedule)  # a dry run is also the cheap check of a config
@@ -249,37 +211,14 @@ def _run_generate(cfg: DictConfig) -> Any:
 
 def _run_score(cfg: DictConfig) -> dict[str, Any]:
     entries = _prompts(cfg)
-    m = cfg.metrics
-    fvd, tiled, clip = m.fvd_i3d, m.fvd_i3d_crop224, m.vtc_clip
-    settings = ScoreSettings(
-        fvd=FVDSettings(
-            weights=fvd.weights,
-            sha256=fvd.sha256,
-            enabled=fvd.enabled,
-            tiled=tiled.enabled,
-            num_frames=fvd.num_frames,
-            fps=fvd.fps,
-            start=fvd.start,
-            size=fvd.size,
-            tiles_per_video=tiled.tiles_per_video,
-            tile_seed=tiled.seed,
-            batch_size=fvd.batch_size,
-        ),
-        clip_weights=clip.weights,
-        clip_enabled=clip.enabled,
-        clip_num_frames=clip.num_frames,
-        viclip=_settings(ViClipSettings, m.vtc_viclip, "metrics.vtc_viclip"),
-        dover=_settings(DoverSettings, m.vqa_dover, "metrics.vqa_dover"),
-        device=m.device,
-        require_complete=cfg.score.require_complete,
-    )
-    wandb_config = _plain(cfg.wandb)
+    settings = score_settings(cfg)
+    wandb_config = OmegaConf.to_container(cfg.wandb, resolve=True)
     if not wandb_config.get("name"):
         wandb_config["name"] = f"eval-{cfg.benchmark.name}-{cfg.run_name}"
     return run_scoring(
         entries,
         out_dir=cfg.out_dir,
-        seeds=_generation(cfg).seeds,
+        seeds=generation_settings(cfg).seeds,
         settings=settings,
         data_root=cfg.benchmark.get("data_root"),
         benchmark=cfg.benchmark.name,
@@ -288,12 +227,11 @@ def _run_score(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_speed(cfg: DictConfig) -> dict[str, Any]:
-    speed_values = _plain(cfg.speed)
-    out_dir = speed_values.pop("out_dir")
+    speed, out_dir = speed_settings(cfg)
     return run_speed(
-        model=_model(cfg),
+        model=model_paths(cfg),
         schedule=eval_schedule(cfg),
-        generation=_generation(cfg),
-        speed=_settings(SpeedSettings, speed_values, "speed"),
+        generation=generation_settings(cfg),
+        speed=speed,
         out_dir=out_dir,
     )

@@ -17,22 +17,14 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from t3.eval.generate_stage import (
-    VideoJob,
-    completed_record,
-    is_complete,
-    resolve_device,
-    video_jobs,
-    write_json_atomic,
-    write_text_atomic,
-)
+from t3.eval.jobs import VideoJob, completed_record, is_complete, video_jobs
 from t3.eval.metrics import (
     FVD_NAME,
     FVD_TILED_NAME,
@@ -49,17 +41,18 @@ from t3.eval.metrics import (
     I3DFeatures,
     MetricResult,
     ViClipConsistency,
-    ViClipSettings,
     load_i3d,
     skipped,
 )
 from t3.eval.metrics.base import resolve_weights
-from t3.eval.metrics.fvd import DETECTOR_KWARGS, I3D_NUM_FEATURES, clip_indices, random_tiles, resized_clip
+from t3.eval.metrics.fvd import clip_indices, random_tiles, resized_clip
 from t3.eval.prompts import PromptEntry
+from t3.eval.settings import FVDSettings, ScoreSettings, resolve_device
+from t3.io import write_json_atomic, write_text_atomic
 from t3.models import get_spec
 from t3.video_io import frame_count, read_frames, video_info
 
-__all__ = ["FVDSettings", "ScoreSettings", "run_scoring"]
+__all__ = ["results_markdown", "run_scoring"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,85 +61,6 @@ NOT_THE_PAPER = (
     "neither its VQA nor its VTC model (vqa_dover, DOVER's fused score x 100, is on its VQA scale) and "
     "reports no FVD."
 )
-
-
-@dataclass(frozen=True)
-class FVDSettings:
-    """``metrics.fvd_i3d`` and ``metrics.fvd_i3d_crop224`` (see `t3.eval.metrics.fvd` for the protocol).
-
-    Attributes:
-        weights: Local ``i3d_torchscript.pt`` (None: both FVD metrics are skipped).
-        sha256: Expected sha256 of ``weights``; None records the actual one with a warning.
-        enabled: Compute ``fvd_i3d``.
-        tiled: Compute ``fvd_i3d_crop224``.
-        num_frames: Frames per clip (16).
-        fps: Effective frame rate of the clips on both sides (16; see `t3.eval.metrics.fvd`).
-        start: First frame of the clip, in frames at ``fps`` (0).
-        size: Resize target / tile size (224).
-        tiles_per_video: Full-resolution tiles per video for ``fvd_i3d_crop224``.
-        tile_seed: Seed of the tile positions.
-        batch_size: Clips per detector call.
-        num_features: Detector feature size (400 for the I3D).
-    """
-
-    weights: str | None = None
-    sha256: str | None = None
-    enabled: bool = True
-    tiled: bool = True
-    num_frames: int = 16
-    fps: float = 16.0
-    start: int = 0
-    size: int = 224
-    tiles_per_video: int = 4
-    tile_seed: int = 0
-    batch_size: int = 8
-    num_features: int = I3D_NUM_FEATURES
-
-    def __post_init__(self) -> None:
-        if not self.fps > 0:
-            raise ValueError(f"metrics.fvd_i3d.fps must be > 0, got {self.fps}")
-        if self.num_frames < 1 or self.start < 0:
-            raise ValueError(
-                f"metrics.fvd_i3d.num_frames must be >= 1 and .start >= 0, got {self.num_frames}, {self.start}"
-            )
-
-    def protocol(self) -> dict[str, Any]:
-        return {
-            "detector": "StyleGAN-V i3d_torchscript.pt (tf.hub deepmind/i3d-kinetics-400/1), Kinetics-400 logits",
-            "detector_kwargs": dict(DETECTOR_KWARGS),
-            "fps": self.fps,
-            "clip": (
-                f"{self.num_frames} frames at {self.fps:g} fps from effective frame {self.start}: the video frame "
-                "nearest each clip time, at the video's own rate (generated: its content_fps)"
-            ),
-            "input": "float32 [B, 3, T, H, W] in [-1, 1] (x / 127.5 - 1 of uint8 RGB)",
-            "statistics": "mean and unbiased covariance (N-1), float64; torchmetrics Frechet distance",
-        }
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """The ``metrics`` config node.
-
-    Attributes:
-        fvd: FVD settings.
-        clip_weights: Local CLIP folder for ``vtc_clip`` (None: skipped).
-        clip_enabled: Compute ``vtc_clip``.
-        clip_num_frames: Frames per video for ``vtc_clip``.
-        viclip: ``vtc_viclip`` through a local VBench checkout (`t3.eval.metrics.vtc`).
-        dover: ``vqa_dover*`` through a local DOVER checkout (`t3.eval.metrics.vqa`).
-        device: ``auto`` (CUDA if available) or a device name.
-        require_complete: Refuse to score while some videos of the run are missing.
-    """
-
-    fvd: FVDSettings = field(default_factory=FVDSettings)
-    clip_weights: str | None = None
-    clip_enabled: bool = True
-    clip_num_frames: int = 8
-    viclip: ViClipSettings = field(default_factory=ViClipSettings)
-    dover: DoverSettings = field(default_factory=DoverSettings)
-    device: str = "auto"
-    require_complete: bool = True
 
 
 @dataclass

@@ -38,7 +38,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +45,20 @@ import torch
 
 from t3.attention import Schedule, choose_backend, get_schedule, t3_attention
 from t3.attention.flops import dit_macs
-from t3.config import check_field_types
-from t3.eval.generate_stage import (
+from t3.eval.settings import (
     GenerationSettings,
     ModelPaths,
+    SpeedSettings,
     check_settings,
     resolve_device,
     resolve_dtype,
-    write_json_atomic,
-    write_text_atomic,
 )
+from t3.io import write_json_atomic, write_text_atomic
 from t3.memory import check_inference_memory
 from t3.models import ModelSpec, get_spec
 from t3.profiling import device_name, peak_memory_bytes, time_call
 
 __all__ = [
-    "SpeedSettings",
     "attention_seconds",
     "count_macs",
     "dit_passes",
@@ -76,39 +73,6 @@ logger = logging.getLogger(__name__)
 CFG_BATCH = 2
 
 SPEED_PROMPT = "a red panda climbing a tree in a misty bamboo forest, cinematic, 4k"
-
-
-@dataclass(frozen=True)
-class SpeedSettings:
-    """The ``speed`` config node.
-
-    Attributes:
-        warmup: Untimed calls before each measurement.
-        repeats: Timed calls; the median is reported.
-        macs_only: Count MACs only (no model is built; any size runs on a CPU).
-        attention: Time the attention op alone for the attention share.
-        memory: Measure the peak memory of one DiT step.
-        e2e: Measure end to end (needs ``model.vae_path`` and ``model.text_encoder_path``; the tiny
-            preset's null paths build its random parts).
-        e2e_steps: Sampler steps of the end-to-end run; None = ``generation.steps``.
-    """
-
-    warmup: int = 1
-    repeats: int = 3
-    macs_only: bool = False
-    attention: bool = True
-    memory: bool = True
-    e2e: bool = True
-    e2e_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        check_field_types(self, "speed")
-        if self.warmup < 0 or self.repeats < 1:
-            raise ValueError(
-                f"speed.warmup must be >= 0 and speed.repeats >= 1, got {self.warmup}, {self.repeats}"
-            )
-        if self.e2e_steps is not None and self.e2e_steps < 1:
-            raise ValueError(f"speed.e2e_steps must be >= 1 or null, got {self.e2e_steps}")
 
 
 def _grid(spec: ModelSpec, settings: GenerationSettings) -> tuple[int, int, int]:
