@@ -18,12 +18,12 @@ from t3.generate import (
     WAN_NEGATIVE_PROMPT,
     T2VGenerator,
     generate,
-    make_wan_pipeline,
     video_file_name,
 )
 from t3.models import get_spec, load_dit, load_text_encoder, load_vae
 from t3.models.tiny import save_tiny_dit, save_tiny_text_encoder, save_tiny_vae
 from t3.video_io import VideoIOError, read_video, video_info, write_video
+from t3.wan_pipeline import make_wan_pipeline
 
 SIZE = {"height": 64, "width": 64, "frames": 5}
 FAST = {"steps": 3, "progress": False}

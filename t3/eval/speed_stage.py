@@ -53,6 +53,7 @@ from t3.eval.settings import (
     resolve_device,
     resolve_dtype,
 )
+from t3.generate import cfg_batch
 from t3.io import write_json_atomic, write_text_atomic
 from t3.memory import check_inference_memory
 from t3.models import ModelSpec, get_spec
@@ -94,7 +95,7 @@ def count_macs(spec: ModelSpec, schedule: Schedule, settings: GenerationSettings
 
 def dit_passes(steps: int, guidance_scale: float) -> int:
     """DiT passes of one video: ``steps x 2`` with classifier-free guidance (``guidance_scale > 1``), else ``steps``."""
-    return steps * (CFG_BATCH if guidance_scale > 1 else 1)
+    return steps * cfg_batch(guidance_scale)
 
 
 def attention_seconds(
