@@ -361,19 +361,22 @@ def write_videos(
 ) -> list[Path]:
     """Latent visualisations (held-out | one panel per model) and the held-out pixel videos."""
     from t3.data.synthetic import synthetic_video
+    from t3.models import get_spec
 
+    spec = get_spec(cfg.model.preset)
     folder.mkdir(parents=True, exist_ok=True)
     mean, std = reference.mean(dim=(0, 2, 3, 4)), reference.std(dim=(0, 2, 3, 4))
     # Upsample the latent grid to the pixel size it stands for (the VAE's spatial stride).
-    scale = max(int(cfg.data.height) // reference.shape[-2], 1)
+    scale = spec.vae_stride[1]
     written = []
     for k in range(min(demo.eval.num_videos, len(reference))):
         panels = [_latent_rgb(reference[k], mean, std, scale)]
         panels += [_latent_rgb(generated[name][k], mean, std, scale) for name in MODEL_NAMES]
         gap = np.full((*panels[0].shape[:2], 4, 3), 255, dtype=np.uint8)
         strip = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=2)
-        # One latent frame covers vae_stride_t = 4 video frames: 4 fps plays them at the videos' 16 fps pace.
-        written.append(write_video(folder / f"latents_sample{k}.mp4", strip, fps=4.0))
+        # One latent frame covers vae_stride_t video frames: played at the videos' pace.
+        latent_fps = spec.frame_rate / spec.vae_stride[0]
+        written.append(write_video(folder / f"latents_sample{k}.mp4", strip, fps=latent_fps))
         video, _ = synthetic_video(
             k,
             frames=int(cfg.data.num_frames),
@@ -381,5 +384,5 @@ def write_videos(
             width=int(cfg.data.width),
             seed=int(cfg.validation.seed),
         )
-        written.append(write_video(folder / f"reference_sample{k}.mp4", video, fps=16.0))
+        written.append(write_video(folder / f"reference_sample{k}.mp4", video, fps=spec.frame_rate))
     return written
