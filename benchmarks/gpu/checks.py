@@ -418,7 +418,7 @@ def memory(ctx: Context) -> None:
     from omegaconf import OmegaConf
 
     import t3
-    from t3.generate import _cast_dit
+    from t3.models.build import cast_dit
     from t3.training.optim import build_optimizer
 
     # A quarter of the 4K tokens first (a figure even if 4K runs out of memory), then 4K.
@@ -452,7 +452,7 @@ def memory(ctx: Context) -> None:
     dit.disable_gradient_checkpointing()
     dit.eval().requires_grad_(False)
     if ctx.on_gpu:
-        _cast_dit(dit, torch.bfloat16)
+        cast_dit(dit, torch.bfloat16)
         torch.cuda.empty_cache()
     inputs = _dit_inputs(s4k, ctx)
     bound = TINY_TOKENS_PER_CALL if ctx.tiny else BOUNDED_TOKENS_PER_CALL

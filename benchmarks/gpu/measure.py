@@ -113,19 +113,11 @@ def random_dit(
             keeps float32 (mixed-precision training).
         num_layers: Fewer blocks than the preset (e.g. one period of the T3 schedule).
     """
-    from diffusers import WanTransformer3DModel
+    from t3.models.build import cast_dit, dit_from_preset
 
-    from t3.generate import _cast_dit
-    from t3.models import dit_config
-
-    config = dit_config(preset)
-    if num_layers is not None:
-        config["num_layers"] = num_layers
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(0)
-        dit = WanTransformer3DModel(**config)
+    dit = dit_from_preset(preset, device=device, seed=0, num_layers=num_layers)
     if dtype is not None:
-        _cast_dit(dit, dtype)
+        cast_dit(dit, dtype)
     return dit
 
 
