@@ -17,7 +17,7 @@ import t3
 from t3.attention import Schedule
 from t3.diffusion import build_scheduler
 from t3.models import TextEncoder, load_text_encoder
-from t3.swap import schedule_of
+from t3.transform import schedule_of
 
 __all__ = ["make_wan_pipeline"]
 
