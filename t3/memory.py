@@ -33,9 +33,14 @@ bf16 else 4, ``B`` micro-batch, ``k`` T3 branches computed, at most 2):
 * with checkpointing: the ``n`` block inputs ``n L d b`` plus one block recomputed in backward
   ``L ((18 + 4k) d + 2F) b``; without: ``n`` blocks; ``offload_activations`` moves the block inputs to
   (pinned) CPU memory. Times ``B``.
-* Activations are per sample, so more GPUs do not shrink them: only a sequence-parallel degree
-  ``S`` (each sample's tokens split over ``S`` GPUs, `t3.parallel`) does, to ``L / S`` tokens per
-  GPU. Training has no sequence-parallel setting yet, so the dry run uses ``S = 1``.
+* Activations are per sample, so more data-parallel GPUs do not shrink them: only sequence
+  parallelism does (``parallel.sequence_parallel_size`` ``S``: each sample's tokens split over ``S``
+  GPUs, `t3.parallel`). Each GPU then holds its shard of ``P`` tokens (``ceil(L / S)``, or whole frames
+  with ``parallel.align=frames``): every per-token term above uses ``P``, and the grouped copies ``4 k d``
+  per token are replaced by what one layer's SP attention holds on the GPU, ``4 D b (n_send + n_recv +
+  units S)``: the exchange's send and receive buffers of q, k, v and partial outputs, and the kernel's
+  grouped copies over its units (`t3.parallel.cost`; the largest over layers and ranks, which the
+  caller passes as ``attention_bytes``).
 """
 
 from __future__ import annotations
@@ -327,19 +332,22 @@ def activation_memory(
     branches: int,
     checkpointing: bool,
     offload: bool,
-    sequence_parallel: int = 1,
+    attention_bytes: float | None = None,
 ) -> tuple[float, float]:
     """Activation bytes on the GPU and in CPU memory for one micro-batch (see module docstring).
 
     Args:
-        tokens: Video tokens per sample ``L``.
-        sequence_parallel: GPUs that split each sample's tokens (``S``): each holds ``L / S`` of them.
-            Every term below is per token, so the split divides all of them. The dry run passes 1
-            until training gets a sequence-parallel setting; this parameter is where it plugs in.
+        tokens: Video tokens of a sample on this GPU: ``L``, or under sequence parallelism its shard
+            (`t3.parallel.ShardLayout.shard_size`).
+        branches: T3 branches computed ``k`` (at most 2); their grouped copies count ``4 k d`` per token.
+        attention_bytes: Under sequence parallelism, the bytes per sample one layer's attention holds
+            on this GPU (`t3.parallel.cost.peak_attention_bytes`), in place of the grouped copies.
     """
-    local_tokens = math.ceil(tokens / sequence_parallel)
-    per_block = local_tokens * ((18 + 4 * branches) * dim + 2 * ffn_dim) * bytes_per_value
-    inputs = num_layers * local_tokens * dim * bytes_per_value
+    if attention_bytes is None:
+        per_block = tokens * ((18 + 4 * branches) * dim + 2 * ffn_dim) * bytes_per_value
+    else:
+        per_block = tokens * (18 * dim + 2 * ffn_dim) * bytes_per_value + attention_bytes
+    inputs = num_layers * tokens * dim * bytes_per_value
     if not checkpointing:
         return float(micro_batch * num_layers * per_block), 0.0
     if offload:
