@@ -312,6 +312,46 @@ def test_train_templates_pass_the_allocation_to_train_py(path, tmp_path):
     assert bad.returncode == 1 and "--ntasks-per-node=4 but --gpus-per-node=8" in bad.stderr
 
 
+def test_multinode_template_runs_4k_with_sp8_and_data_parallel_2(tmp_path):
+    """The 2-node x 8-GPU sequence-parallel run of slurm/README.md: the command srun starts composes into a
+    valid run of world 16 = 2 SP groups of 8, global batch 64 = micro 1 x data-parallel 2 x accumulate 32."""
+    from t3.config import validate
+
+    from .test_configs import compose_train
+
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
+    env = {
+        "PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "1",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-[1-2]",
+        "SLURM_NTASKS_PER_NODE": "8",
+        "SLURM_GPUS_PER_NODE": "8",
+    }
+    args = ["experiment=t3_4k_sp8", "data.train.urls_or_dir=/data/shards/4k"]
+    out = subprocess.run(
+        ["bash", str(SLURM_DIR / "train_multinode.sbatch"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    command = next(line for line in out.splitlines() if line.startswith("srun "))
+    overrides = command.split("python train.py ", 1)[1].split()
+    assert overrides == ["trainer.devices=8", "trainer.num_nodes=2", *args]
+    assert f"sbatch slurm/train_multinode.sbatch {' '.join(args)}" in (SLURM_DIR / "README.md").read_text()
+
+    # As the dry run plans it: the world size from trainer.devices x trainer.num_nodes.
+    cfg = compose_train(*overrides, "dry_run=true")
+    facts = validate(cfg)
+    assert cfg.parallel.sequence_parallel_size == 8 and not cfg.finetune.offload_activations
+    assert (facts.world_size, facts.sequence_parallel_size, facts.data_parallel_size) == (16, 8, 2)
+    assert cfg.batch.global_size == cfg.batch.micro_size * facts.data_parallel_size * facts.accumulate == 64
+    assert facts.accumulate == 32
+
+
 # --- end to end: submitit starts the ranks, Lightning only joins them ----------------------------------------
 
 
