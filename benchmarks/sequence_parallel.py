@@ -6,14 +6,17 @@ Part 1 is exact arithmetic on the real grids (no model, no GPU): for Wan2.1-T2V-
 - per layer of the schedule's period: the assignment chosen (`t3.parallel.assignment`), the per-rank
   attention MACs (largest rank, and its imbalance over the mean), the bytes the T3-aware exchange sends
   in the forward and what Ulysses would send (``4 L N D e (sp - 1) / sp``; Ulysses itself needs the
-  heads divisible by sp, marked "n/a" otherwise), both in bf16;
+  heads divisible by sp, marked "n/a" otherwise), both in bf16, and what the layer's SP attention holds
+  on the busiest GPU (exchange buffers and grouped copies, `LayerCost.attention_bytes`);
 - the whole-frame layer (plan (21,1,1)) both ways: skipping the exchange (every frame on the rank that
   holds most of it) against the balanced assignment, for shards cut evenly by tokens and on frame
   boundaries (where the per-token work of the whole model is then imbalanced too);
 - per training step (30 layers, forward; the backward moves the same bytes again): bytes and attention
-  MACs per rank, and the activation memory per GPU (bf16, micro-batch 1, per-block checkpointing) next to
-  one GPU's (`t3.memory.activation_memory`): block inputs and one recomputed block on the rank's
-  ``L / sp`` tokens, its attention held as the exchange buffers ``4 D e (rows sent + received)``;
+  MACs per rank, the bytes one GPU sends per training sample (forward, recompute and backward
+  exchanges and the output gather: `t3.parallel.cost.step_communication`, as the dry run counts them),
+  and the activation memory per GPU (bf16, micro-batch 1, per-block checkpointing) next to one GPU's,
+  by the dry run's formula (`t3.memory.activation_memory`): block inputs and one recomputed block on
+  the rank's shard, its attention as the largest layer's SP buffers and grouped copies;
 - the time to build rank 0's exchange plans for one period at 4K (measured: the first-step cost).
 
 Part 2 measures, on this machine's CPU, a small Wan2.1-layout DiT (12 heads x 16, 4 layers) at grid
@@ -21,7 +24,8 @@ Part 2 measures, on this machine's CPU, a small Wan2.1-layout DiT (12 heads x 16
 (gloo, 1 thread each) against one process with 1 and with 2 threads, in interleaved rounds.
 
     python benchmarks/sequence_parallel.py                  # both parts (a few minutes on 2 CPU cores)
-    python benchmarks/sequence_parallel.py --skip-measure   # part 1 only
+    python benchmarks/sequence_parallel.py --skip-measure   # part 1 only; the measured part of the results
+                                                            # file is kept as it was, with its machine label
 
 Outputs: the tables on stdout, ``benchmarks/results/sequence_parallel.md`` and ``.csv`` (per layer).
 """
@@ -33,6 +37,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -48,7 +53,7 @@ from t3.io import atomic_path, write_text_atomic
 from t3.memory import activation_memory
 from t3.models.presets import dit_config
 from t3.parallel import exchange_plan, layer_candidates, shard_layout
-from t3.parallel.cost import LayerCost, schedule_costs
+from t3.parallel.cost import LayerCost, peak_attention_bytes, schedule_costs, step_communication
 from t3.profiling import device_name
 
 GIB, GB = 2**30, 1e9
@@ -79,8 +84,8 @@ def arithmetic(sp_sizes: list[int], csv_rows: list[dict]) -> list[str]:
             "Per layer of the period, forward, bf16 (shards cut evenly by tokens):",
             "",
             "| sp | layer | plan | assignment | attention GMACs, largest rank | imbalance | T3-aware GB | "
-            "Ulysses GB | T3 / Ulysses | rows computed where they live |",
-            "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+            "Ulysses GB | T3 / Ulysses | rows computed where they live | SP attention GiB per GPU |",
+            "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         step_lines = []
         for sp in sp_sizes:
@@ -91,7 +96,8 @@ def arithmetic(sp_sizes: list[int], csv_rows: list[dict]) -> list[str]:
                 lines.append(
                     f"| {sp} | {cost.layer} | {a.plan} | {a.policy} | {max(cost.macs_per_rank) / 1e9:,.1f} | "
                     f"{a.imbalance * 100:.1f}% | {t3_gb:.2f} | {_fmt_ulysses(cost, f'{uly_gb:.2f}')} | "
-                    f"{cost.bytes_vs_ulysses:.2f} | {sum(a.kept_rows) / (tokens * heads):.0%} |"
+                    f"{cost.bytes_vs_ulysses:.2f} | {sum(a.kept_rows) / (tokens * heads):.0%} | "
+                    f"{max(cost.attention_bytes(BF16)) / GIB:.2f} |"
                 )
                 csv_rows.append(
                     {
@@ -100,6 +106,7 @@ def arithmetic(sp_sizes: list[int], csv_rows: list[dict]) -> list[str]:
                         "imbalance": round(a.imbalance, 5), "max_rank_attention_macs": max(cost.macs_per_rank),
                         "t3_bytes_bf16": int(cost.bytes(BF16)), "ulysses_bytes_bf16": int(cost.ulysses_bytes(BF16)),
                         "ulysses_applies": heads % sp == 0, "t3_over_ulysses": round(cost.bytes_vs_ulysses, 4),
+                        "max_rank_attention_bytes_bf16": int(max(cost.attention_bytes(BF16))),
                     }
                 )  # fmt: skip
             t3_step = sum(c.bytes(BF16) for c in costs) / GB
@@ -108,29 +115,35 @@ def arithmetic(sp_sizes: list[int], csv_rows: list[dict]) -> list[str]:
             macs_mean = sum(sum(c.macs_per_rank) for c in costs) / sp
             layout = costs[0].assignment.layout
             branches = max(len(c.assignment.branches) for c in costs)
-            one_gpu = activation_memory(
-                tokens=tokens, dim=dim, ffn_dim=ffn, num_layers=layers, micro_batch=1, bytes_per_value=BF16,
-                branches=branches, checkpointing=True, offload=False,
-            )[0]  # fmt: skip
-            # On a rank: the same formula on its shard without T3's own gathered copies, plus the exchange
-            # buffers of the largest layer (send and receive: q, k, v out, partial outputs back).
-            shard = activation_memory(
-                tokens=layout.shard_size, dim=dim, ffn_dim=ffn, num_layers=layers, micro_batch=1,
-                bytes_per_value=BF16, branches=0, checkpointing=True, offload=False,
-            )[0]  # fmt: skip
-            buffers = 4 * head_dim * BF16 * max(max(c.buffer_rows) for c in costs)
+            memory = dict(
+                dim=dim, ffn_dim=ffn, num_layers=layers, micro_batch=1, bytes_per_value=BF16, branches=branches,
+                checkpointing=True, offload=False,
+            )  # fmt: skip
+            one_gpu = activation_memory(tokens=tokens, **memory)[0]
+            # On a rank, as the dry run counts it: its shard, and the largest layer's SP attention (exchange
+            # buffers of q, k, v and outputs, grouped copies) in place of one GPU's grouped copies.
+            buffers = peak_attention_bytes(costs, BF16)
+            per_gpu = activation_memory(tokens=layout.shard_size, attention_bytes=buffers, **memory)[0]
+            sent = step_communication(
+                costs, out_width=config["out_channels"] * math.prod(config["patch_size"]), bytes_per_value=BF16,
+                micro_batch=1, accumulate=1, checkpointing=True,
+            )  # fmt: skip
             step_lines.append(
                 f"| {sp} | {t3_step:,.1f} | {_fmt_ulysses(costs[0], f'{uly_step:,.1f}')} | {t3_step / uly_step:.2f} | "
                 f"{macs_max / 1e12:,.1f} | {(macs_max / macs_mean - 1) * 100:.1f}% | "
-                f"{one_gpu / GIB:.1f} | {(shard + buffers) / GIB:.1f} ({buffers / GIB:.2f} buffers) |"
+                f"{sent.total / GB:,.1f} | {_fmt_ulysses(costs[0], f'{(sent.ulysses + sent.gather) / GB:,.1f}')} | "
+                f"{one_gpu / GIB:.1f} | {per_gpu / GIB:.1f} ({buffers / GIB:.2f} SP attention) |"
             )
         lines += [
             "",
-            f"Per training step ({layers} layers, forward; backward again the same bytes), bf16:",
+            f"Per training step ({layers} layers; group bytes of the forward, the backward moves them again), "
+            "bf16; sent per GPU per sample: the busiest rank's forward, recompute and backward exchanges and "
+            "the output gather (the dry run's figure at micro-batch 1, accumulate 1):",
             "",
             "| sp | T3-aware GB | Ulysses GB | T3 / Ulysses | attention TMACs, largest rank | imbalance | "
-            "activations GiB, 1 GPU | activations GiB per GPU with SP |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "sent per GPU per sample GB, T3-aware | Ulysses | activations GiB, 1 GPU | "
+            "activations GiB per GPU with SP |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *step_lines,
             "",
             "Whole-frame layer (plan (21,1,1)): skip the exchange, or balance the work:",
@@ -262,7 +275,7 @@ def _sp_worker(rank: int, port: int, repeats: int, result: str) -> None:
     dist.destroy_process_group()
 
 
-def measured_cpu(repeats: int) -> list[str]:
+def measured_cpu(repeats: int, where: str) -> list[str]:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -275,7 +288,7 @@ def measured_cpu(repeats: int) -> list[str]:
 
     grid = (LATENT[1], LATENT[2] // 2, LATENT[3] // 2)
     lines = [
-        f"Measured: a Wan2.1-layout DiT with {SMALL['num_attention_heads']} heads x {SMALL['attention_head_dim']}, "
+        f"{MEASURED} {where} (a CPU other processes share: timings are noisy): a Wan2.1-layout DiT with {SMALL['num_attention_heads']} heads x {SMALL['attention_head_dim']}, "
         f"{SMALL['num_layers']} layers, grid {'x'.join(map(str, grid))} ({math.prod(grid):,} tokens), float32, "
         f"fastest of {repeats} interleaved rounds; SP = 2 processes (gloo) x 1 thread:",
         "",
@@ -294,13 +307,36 @@ def measured_cpu(repeats: int) -> list[str]:
     return lines
 
 
+MEASURED = "Measured on"
+
+
+def kept_measurement(previous: Path) -> list[str]:
+    """The measured part of an earlier results file, with the machine it ran on (for ``--skip-measure``)."""
+    text = previous.read_text() if previous.exists() else ""
+    start = text.find("\nMeasured")
+    if start < 0:
+        return []
+    section = text[start + 1 :].rstrip("\n")
+    if not section.startswith(MEASURED):  # written before the section named its machine itself
+        machine = re.search(r"run on (.+?)\. Part 1", text)
+        where = machine.group(1) if machine else "a machine not recorded"
+        section = section.replace("Measured:", f"{MEASURED} {where} (other processes share this CPU):", 1)
+    return [
+        "(The measured part below is kept from an earlier run; `--skip-measure` did not rerun it.)",
+        "",
+        section,
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sp", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-measure", action="store_true", help="part 1 only")
+    parser.add_argument(
+        "--skip-measure", action="store_true", help="part 1 only; keep the measured part of the results file"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
@@ -323,8 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         *plan_build_time(max(args.sp)),
     ]
     torch.set_num_threads(threads)
-    if not args.skip_measure:
-        lines += measured_cpu(args.repeats)
+    if args.skip_measure:
+        lines += kept_measurement(args.out / "sequence_parallel.md")
+    else:
+        lines += measured_cpu(args.repeats, where)
         lines.append(f"Load average at the end: {os.getloadavg()[0]:.1f} (other processes share this CPU).")
     text = "\n".join(lines)
     print(text)
