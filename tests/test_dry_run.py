@@ -158,3 +158,57 @@ def test_sp_that_does_not_tile_the_world_fails_before_the_dry_run():
 
     with pytest.raises(ConfigError, match=SP.replace(".", r"\.")):
         validate(compose_train("experiment=t3_4k_sp8", "dry_run=true", "dry_run_num_gpus=12"))
+
+
+# --- the README's "One video on many GPUs" shows what the dry run and the benchmark print --------------------
+
+
+def _readme_section() -> str:
+    from .conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    return text[text.index("## One video on many GPUs") : text.index("## Efficiency")]
+
+
+def test_readme_dry_run_output_is_what_the_dry_run_prints(t3_4k_sp8):
+    from t3.training.dry_run import format_dry_run
+
+    cfg, _, run = t3_4k_sp8
+    printed = format_dry_run(cfg, run).splitlines()
+    section = _readme_section()
+    block = section.split("```text\n", 1)[1].split("```", 1)[0]
+    assert block.strip() and all(line in printed for line in block.splitlines() if line.strip())
+
+
+def test_readme_sp_table_is_what_the_dry_run_estimates(t3_4k_sp8):
+    rows = [
+        line for line in _readme_section().splitlines() if line.startswith("| 1 ") or line.startswith("| 8 ")
+    ]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        sp, offload = int(cells[0].split()[0]), cells[1] == "true"
+        if (sp, offload) == (8, False):
+            _, metrics, _ = t3_4k_sp8
+        else:
+            _, metrics, _ = dry(
+                "experiment=t3_4k",
+                f"{SP}={sp}",
+                f"finetune.offload_activations={offload}",
+                "dry_run_num_gpus=16",
+            )
+        assert cells[2].split()[0] == f"{metrics['dry_run/activations_gib_per_gpu']:.2f}", row
+        assert cells[3] == f"{metrics['dry_run/total_gib_per_gpu']:.2f}", row
+        assert cells[4].startswith("fits" if metrics["dry_run/fits"] else "does not fit"), row
+
+
+def test_readme_benchmark_rows_are_rows_of_the_results_file():
+    from .conftest import REPO_ROOT
+
+    results = (REPO_ROOT / "benchmarks" / "results" / "sequence_parallel.md").read_text().splitlines()
+    rows = [
+        line for line in _readme_section().splitlines() if line.count("|") == 12 and "SP attention)" in line
+    ]
+    assert len(rows) == 6
+    for row in rows:
+        assert "| " + row.split("| ", 2)[2] in results, row
