@@ -436,7 +436,7 @@ class TrainConfig:
         resume_changed_config: Resume a checkpoint trained with other settings (a different training
             digest, `t3.training.checkpoints.training_digest`) instead of refusing.
         dry_run: Build everything on the meta device, print the plan (grid, layer plans, MACs, memory,
-            throughput) and exit; needs no weights.
+            bytes each GPU sends per step under sequence parallelism, throughput) and exit; needs no weights.
         dry_run_tflops: Sustained dense bf16 TFLOP/s per GPU assumed by the dry run's throughput estimate.
         dry_run_num_gpus: GPU count for the dry run's memory and throughput estimate (None: from
             ``trainer.devices * trainer.num_nodes``, 8 when that is ``auto``).
