@@ -426,9 +426,23 @@ def test_shards_of_another_size_than_configured_are_refused(tmp_path):
     )
 
 
-def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
+def zero3_total(run, world_size: int) -> float:
+    """Bytes per GPU of a bf16 dry run under ZeRO-3 on ``world_size`` GPUs: its state and activations."""
     from t3.config import StrategyConfig
-    from t3.memory import GIB, state_memory
+    from t3.memory import state_memory
+
+    state = state_memory(
+        num_params=run.num_params,
+        num_trainable=run.num_trainable,
+        strategy=StrategyConfig(name="deepspeed", zero_stage=3),
+        world_size=world_size,
+        bf16=True,
+    )
+    return sum(state) + run.memory.activations
+
+
+def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
+    from t3.memory import GIB
     from t3.training import train
     from t3.training.dry_run import format_dry_run
 
@@ -439,19 +453,7 @@ def test_dry_run_answers_does_it_fit_and_on_how_many_gpus(caplog):
     assert metrics["dry_run/fits"] == 1.0
     assert metrics["dry_run/gpu_margin_gib"] == pytest.approx(80 - m.gpu_total / GIB)
     # ZeRO-3 shards the state over the GPUs; activations stay: the fewest GPUs whose total fits 80 GiB.
-    zero3 = StrategyConfig(name="deepspeed", zero_stage=3)
-
-    def total(n: int) -> float:
-        state = state_memory(
-            num_params=run.num_params,
-            num_trainable=run.num_trainable,
-            strategy=zero3,
-            world_size=n,
-            bf16=True,
-        )
-        return sum(state) + m.activations
-
-    fewest = next(n for n in (1, 2, 4, 8, 16, 32, 64) if total(n) <= 80 * GIB)
+    fewest = next(n for n in (1, 2, 4, 8, 16, 32, 64) if zero3_total(run, n) <= 80 * GIB)
     assert metrics["dry_run/fewest_gpus"] == fewest
     # Activation offload pins the block inputs of every GPU of a node in host memory.
     assert m.activations_cpu > 0

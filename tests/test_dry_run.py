@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from t3.config import StrategyConfig, validate
-from t3.memory import GIB, activation_memory, state_memory
+from t3.config import validate
+from t3.memory import GIB, activation_memory
 
-from .test_configs import compose_train
+from .test_configs import compose_train, zero3_total
 
 SP = "parallel.sequence_parallel_size"
 
@@ -97,12 +97,8 @@ def test_t3_4k_at_sp8_fits_80_gib_without_activation_offload(t3_4k_sp8):
     assert (f.world_size, f.sequence_parallel_size, f.data_parallel_size, f.accumulate) == (16, 8, 2, 32)
     assert cfg.finetune.offload_activations is False and m.activations_cpu == 0
     # ZeRO-3 shards the state over all 16 ranks; the activations are one rank's shard of 85,680 tokens.
-    state = state_memory(
-        num_params=run.num_params, num_trainable=run.num_trainable,
-        strategy=StrategyConfig(name="deepspeed", zero_stage=3), world_size=16, bf16=True,
-    )  # fmt: skip
     assert run.sequence_parallel.shard_tokens == 685_440 // 8
-    assert m.gpu_total == pytest.approx(sum(state) + m.activations)
+    assert m.gpu_total == pytest.approx(zero3_total(run, 16))
     assert metrics["dry_run/fits"] == 1.0 and m.gpu_total < 80 * GIB
     assert metrics["dry_run/gpu_margin_gib"] == pytest.approx(80 - m.gpu_total / GIB)
     text = format_dry_run(cfg, run)
@@ -131,18 +127,9 @@ def test_without_sp_t3_4k_needs_offload_and_the_verdict_suggests_an_sp(t3_4k_sp8
 
 def test_fewest_gpus_are_multiples_of_the_sp_size(t3_4k_sp8):
     _, _, at_16 = t3_4k_sp8
-    acts = at_16.memory.activations
-    zero3 = StrategyConfig(name="deepspeed", zero_stage=3)
 
     def total(n: int) -> float:
-        state = state_memory(
-            num_params=at_16.num_params,
-            num_trainable=at_16.num_trainable,
-            strategy=zero3,
-            world_size=n,
-            bf16=True,
-        )
-        return sum(state) + acts
+        return zero3_total(at_16, n)
 
     # A GPU just too small for 8 or 16 GPUs: the state must be sharded further, over 8 x 4.
     budget = (total(16) + total(32)) / 2 / GIB
