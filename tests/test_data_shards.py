@@ -182,6 +182,20 @@ def test_ranks_see_disjoint_shards(tmp_path: Path, monkeypatch):
     assert len(seen[0]) == len(seen[1]) == 6
 
 
+def test_data_parallel_rank_overrides_the_process_rank(tmp_path: Path, monkeypatch):
+    # 4 processes in SP groups of 2: ranks 0, 1 read stream 0 of 2, ranks 2, 3 stream 1 (t3.parallel).
+    write_shards([_sample(i) for i in range(12)], tmp_path, maxcount=3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    seen = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        dataset = build_latent_dataset(tmp_path, seed=3, shuffle_buffer=4)
+        dataset.set_data_parallel(rank // 2, 2)
+        seen.append(_keys(dataset))
+    assert seen[0] == seen[1] and seen[2] == seen[3]
+    assert set(seen[0]).isdisjoint(seen[2]) and len(seen[0]) == len(seen[2]) == 6
+
+
 def test_dataloader_workers_see_disjoint_shards(tmp_path: Path):
     write_shards([_sample(i) for i in range(16)], tmp_path, maxcount=4)
     dataset = build_latent_dataset(tmp_path, seed=0, batch_size=2)

@@ -25,6 +25,7 @@ from t3.parallel import (
     assign_layer,
     check_sequence_parallel,
     check_world,
+    data_parallel_rank,
     exchange_plan,
     group_ranks,
     layer_candidates,
@@ -92,6 +93,14 @@ def test_world_size_must_be_a_multiple_of_sp():
         ValueError, match=r"sequence_parallel_size=4 does not divide the world size 6 .*1, 2, 3, 6"
     ):
         check_world(6, 4)
+
+
+def test_data_parallel_rank_is_the_sp_group():
+    # 8 ranks, SP groups of 2: ranks 2k and 2k + 1 read stream k of 4 (what the ranks of group_ranks share).
+    assert [data_parallel_rank(r, 8, 2) for r in range(8)] == [(r // 2, 4) for r in range(8)]
+    assert [data_parallel_rank(r, 3, 1) for r in range(3)] == [(0, 3), (1, 3), (2, 3)]
+    for stream, ranks in enumerate(group_ranks(8, 4)[0]):
+        assert {data_parallel_rank(r, 8, 4) for r in ranks} == {(stream, 2)}
 
 
 def test_loss_scale_makes_the_engine_average_exact():

@@ -217,3 +217,52 @@ def test_step_timer_leaves_data_loading_out_of_the_step_time(monkeypatch):
     assert summary["perf/steps_timed"] == 5
     assert [m["perf/step_time_s"] for m in logged] == pytest.approx([0.2] * 6)
     assert [m["perf/data_wait_s"] for m in logged] == pytest.approx([4.0] * 4 + [0.002] * 2)
+
+
+def _loaders(world: int, sp: int) -> list[tuple[list[list[int]], list[list[int]]]]:
+    """Per rank: the positions of its first 4 training micro-batches and of its validation batches."""
+    from types import SimpleNamespace
+
+    from t3.training.datamodule import T3DataModule
+
+    sample = {"latents": torch.zeros(1), "text": torch.zeros(1), "text_mask": torch.ones(1), "caption": ""}
+    samples = [sample] * 16
+    out = []
+    for rank in range(world):
+        data = T3DataModule(
+            lambda: samples, lambda: samples, micro_batch_size=1, accumulate=2, seed=0,
+            val_num_batches=2, sequence_parallel_size=sp,
+        )  # fmt: skip
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0)
+        data.setup()
+        train = iter(data.train_dataloader())
+        out.append(
+            (
+                [next(train)["position"].tolist() for _ in range(4)],
+                [b["position"].tolist() for b in data.val_dataloader()],
+            )
+        )
+    return out
+
+
+def test_ranks_of_a_sequence_parallel_group_read_the_same_samples():
+    # 4 processes in SP groups of 2 read what 2 processes without SP read: ranks 2k, 2k + 1 as rank k.
+    with_sp, without = _loaders(world=4, sp=2), _loaders(world=2, sp=1)
+    assert with_sp == [without[0], without[0], without[1], without[1]]
+    assert without[0] != without[1]
+
+
+def test_skip_counts_are_not_multiplied_by_the_sequence_parallel_size():
+    from types import SimpleNamespace
+
+    from t3.training.callbacks import DataSkipMonitor
+    from t3.training.datamodule import SkipTally
+
+    tally = SkipTally()
+    tally.add({"decode_error": 1}, samples=3)
+    # 4 ranks in SP groups of 2, every rank's tally as above: 2 groups, each read 3 samples and skipped 1.
+    strategy = SimpleNamespace(reduce=lambda t, reduce_op: t * 4)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(skip_tally=tally), strategy=strategy)
+    monitor = DataSkipMonitor(0.5, sequence_parallel_size=2)
+    counts = monitor._tally(trainer, SimpleNamespace(device=torch.device("cpu")))
+    assert counts["samples"] == 6 and counts["decode_error"] == 2

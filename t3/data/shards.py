@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -414,7 +415,9 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
     """Stream training samples (or bucketed batches) from latent shards; see :func:`build_latent_dataset`.
 
     Iteration order depends only on ``seed``, the epoch (:meth:`set_epoch`), the DDP rank and the worker id,
-    so a run with the same seed and world size sees the same batches.
+    so a run with the same seed and world size sees the same batches. The rank and world size are the
+    process's own unless :meth:`set_data_parallel` names others (under sequence parallelism the ranks of
+    an SP group read one stream).
 
     Besides the arguments of :func:`build_latent_dataset` (``preset`` as a name), ``latent_shapes`` are the
     allowed latent shapes (None: any) and ``latent_shapes_from`` says where they came from, for messages.
@@ -466,6 +469,11 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         self._shape_problems: dict[tuple[int, ...], str | None] = {}
         self.epoch = 0
         self.skips = SkipCounter()
+        self.data_parallel: tuple[int, int] | None = None
+
+    def set_data_parallel(self, rank: int, world_size: int) -> None:
+        """Split the shards as reader ``rank`` of ``world_size`` instead of by the process's own rank."""
+        self.data_parallel = (rank, world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shard and sample order of ``epoch`` (call before each epoch, like a DistributedSampler)."""
@@ -530,6 +538,8 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
     def _pipeline(self) -> wds.DataPipeline:
         wds = _webdataset()
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        if self.data_parallel is not None:
+            rank, world_size = self.data_parallel
         readers = (world_size if self.split_by_node else 1) * (num_workers if self.split_by_worker else 1)
         if len(self.urls) < readers:
             logger.warning(
@@ -541,8 +551,8 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         stages: list[Any] = [
             wds.SimpleShardList(self.urls, seed=self._rng_seed() if self.shuffle_shards else None)
         ]
-        if self.split_by_node:
-            stages.append(wds.split_by_node)
+        if self.split_by_node and world_size > 1:
+            stages.append(lambda urls: itertools.islice(urls, rank, None, world_size))
         if self.split_by_worker:
             stages.append(wds.split_by_worker)
         stages += [wds.tarfile_to_samples(handler=self.skips.handler), self._decode]

@@ -23,7 +23,13 @@ from t3.parallel.apply import (
 from t3.parallel.assignment import DEFAULT_MAX_IMBALANCE, LayerAssignment, assign_layer, layer_candidates
 from t3.parallel.attention import sequence_parallel_attention
 from t3.parallel.exchange import ExchangePlan, exchange_plan
-from t3.parallel.groups import ParallelGroups, build_parallel_groups, check_world, group_ranks
+from t3.parallel.groups import (
+    ParallelGroups,
+    build_parallel_groups,
+    check_world,
+    data_parallel_rank,
+    group_ranks,
+)
 from t3.parallel.layout import LayoutError, ShardLayout, check_sequence_parallel, shard_layout
 from t3.parallel.loss import loss_scale
 
@@ -40,6 +46,7 @@ __all__ = [
     "build_parallel_groups",
     "check_sequence_parallel",
     "check_world",
+    "data_parallel_rank",
     "exchange_plan",
     "group_ranks",
     "layer_candidates",

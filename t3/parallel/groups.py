@@ -31,6 +31,17 @@ def check_world(world_size: int, sp: int) -> None:
         )
 
 
+def data_parallel_rank(rank: int, world_size: int, sp: int) -> tuple[int, int]:
+    """``(dp_rank, dp_size)`` of global ``rank``: which sample stream it reads, out of how many.
+
+    The one place that maps ranks to data-parallel replicas (samplers, streaming readers, validation
+    slices and `build_parallel_groups` all ask here): the ``sp`` consecutive ranks of an SP group share
+    one stream.
+    """
+    check_world(world_size, sp)
+    return rank // sp, world_size // sp
+
+
 def group_ranks(world_size: int, sp: int) -> tuple[list[list[int]], list[list[int]]]:
     """``(sp_groups, dp_groups)``: the ranks of every SP group and of every data-parallel group."""
     check_world(world_size, sp)
@@ -82,11 +93,12 @@ def build_parallel_groups(sp: int) -> ParallelGroups:
         created = dist.new_group(ranks)
         if rank in ranks:
             dp_group = created
+    dp_rank, dp_size = data_parallel_rank(rank, world, sp)
     return ParallelGroups(
         sp_size=sp,
         sp_rank=rank % sp,
-        dp_size=world // sp,
-        dp_rank=rank // sp,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
         sp_group=sp_group,
         dp_group=dp_group,
     )

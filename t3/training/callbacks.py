@@ -258,16 +258,23 @@ class DataSkipMonitor(Callback):
     ``min_items`` items read on (a few bad samples early on must not stop a healthy run), and at the end of
     training whatever the count.
 
+    Under sequence parallelism the ``sp`` ranks of an SP group read the same samples and skip the same
+    items, so the sum over the ranks is divided by ``sp``: each item is counted once.
+
     Args:
         max_fraction: Largest tolerated fraction; None never stops.
         min_items: Items read (samples plus skips) before the fraction is judged during training.
+        sequence_parallel_size: Ranks that share each sample (``parallel.sequence_parallel_size``).
     """
 
-    def __init__(self, max_fraction: float | None, min_items: int = 1000) -> None:
+    def __init__(
+        self, max_fraction: float | None, min_items: int = 1000, *, sequence_parallel_size: int = 1
+    ) -> None:
         from t3.data import SKIP_REASONS
 
         self.max_fraction = max_fraction
         self.min_items = min_items
+        self.sequence_parallel_size = sequence_parallel_size
         self.reasons = SKIP_REASONS
         self.counts: dict[str, float] = {}
         self._last_step: int | None = None
@@ -279,7 +286,8 @@ class DataSkipMonitor(Callback):
             local = [float(tally.samples), *(float(tally.skipped[r]) for r in self.reasons)]
         totals = trainer.strategy.reduce(
             torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
-        ).tolist()
+        )
+        totals = (totals / self.sequence_parallel_size).tolist()  # exact: a group's counts are equal
         return {"samples": totals[0], **dict(zip(self.reasons, totals[1:], strict=True))}
 
     def _metrics(self) -> dict[str, float]:

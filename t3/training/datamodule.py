@@ -13,6 +13,10 @@ The readers themselves live in `t3.data`; the ``data/`` config group builds them
   noise and noise level from it, so the loss of a global batch does not depend on how it is split over
   GPUs and micro-batches: one process with accumulation and N processes see the same numbers.
 * Validation uses the first ``num_batches`` batches of the held-out set on every rank, always the same.
+* **Ranks here are data-parallel ranks.** Under sequence parallelism the ``sp`` ranks of an SP group share
+  one sample stream (they hold shards of the same videos), so samplers, streaming readers and validation
+  slices split the data over ``(dp_rank, dp_size) = (rank // sp, world / sp)``
+  (`t3.parallel.data_parallel_rank`); with ``sp = 1`` that is ``(rank, world)``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from t3.data import SKIPPED_KEY, collate_samples
+from t3.parallel.groups import data_parallel_rank
 
 __all__ = ["SkipTally", "StepSampler", "T3DataModule"]
 
@@ -48,8 +53,8 @@ class StepSampler(Sampler[list[tuple[int, int]]]):
         dataset_size: ``N``.
         micro_batch_size: ``m``.
         accumulate: ``A``, micro-batches per optimizer step.
-        rank: This process's rank.
-        world_size: Processes.
+        rank: This process's data-parallel rank.
+        world_size: Data-parallel replicas.
         seed: Permutation seed.
         start_step: Called when iteration starts; returns the optimizer step to start from.
     """
@@ -170,8 +175,8 @@ class _StreamLoader:
     Args:
         loader: ``DataLoader(_Epochs(reader), batch_size=None, ...)``.
         skip_batches: Called when iteration starts; batches this rank already trained on.
-        rank: This process's rank.
-        world_size: Processes.
+        rank: This process's data-parallel rank.
+        world_size: Data-parallel replicas.
     """
 
     def __init__(
@@ -232,6 +237,7 @@ class T3DataModule(L.LightningDataModule):
         seed: Data-order seed.
         num_workers: DataLoader workers per rank.
         val_num_batches: Validation batches per rank.
+        sequence_parallel_size: Ranks sharing each sample (``parallel.sequence_parallel_size``).
     """
 
     def __init__(
@@ -245,6 +251,7 @@ class T3DataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_num_batches: int = 4,
         prepare: Callable[[], Any] | None = None,
+        sequence_parallel_size: int = 1,
     ) -> None:
         super().__init__()
         self.train_factory = train
@@ -255,6 +262,7 @@ class T3DataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.val_num_batches = val_num_batches
+        self.sequence_parallel_size = sequence_parallel_size
         self.train_set: Dataset | IterableDataset | None = None
         self.val_set: Dataset | IterableDataset | None = None
         self.skip_tally = SkipTally()  # of the training stream on this rank
@@ -274,8 +282,16 @@ class T3DataModule(L.LightningDataModule):
                 logger.info("no held-out data (data.val.urls_or_dir is null): no validation loss")
 
     def _rank_world(self) -> tuple[int, int]:
+        """This process's data-parallel ``(rank, size)``: the sample stream it reads (module docstring)."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        return data_parallel_rank(trainer.global_rank, trainer.world_size, self.sequence_parallel_size)
+
+    def _assign_stream(self, dataset: Dataset | IterableDataset, rank: int, world: int) -> None:
+        # A streaming reader splits its shards by process rank unless told the data-parallel one.
+        if hasattr(dataset, "set_data_parallel"):
+            dataset.set_data_parallel(rank, world)
 
     def _global_step(self) -> int:
         return int(self.trainer.global_step) if self.trainer is not None else 0
@@ -293,6 +309,7 @@ class T3DataModule(L.LightningDataModule):
         assert self.train_set is not None, "setup() first"
         rank, world = self._rank_world()
         if isinstance(self.train_set, IterableDataset):
+            self._assign_stream(self.train_set, rank, world)
             loader = DataLoader(_Epochs(self.train_set), batch_size=None, **self._loader_kwargs())
             return _StreamLoader(
                 loader,
@@ -322,6 +339,7 @@ class T3DataModule(L.LightningDataModule):
             return []
         rank, world = self._rank_world()
         if isinstance(self.val_set, IterableDataset):
+            self._assign_stream(self.val_set, rank, world)
             if hasattr(self.val_set, "set_epoch"):
                 self.val_set.set_epoch(0)
             return _FirstBatches(

@@ -2,10 +2,16 @@
 
 ``configure_model`` builds the DiT (pretrained, a stage-1 export, or random for tests) and prepares it
 for fine-tuning (`t3.training.finetune.prepare_for_finetuning`: the T3 swap with the configured schedule,
-the trainable weights), turns on per-block gradient checkpointing and, under FSDP2, shards it. It is
-idempotent, as Lightning requires for sharded strategies. Parallelism is chosen by the ``strategy``
+the trainable weights), turns on per-block gradient checkpointing, under sequence parallelism shards each
+sample's tokens over its SP group (`t3.training.strategies.sequence_parallelize`) and, under FSDP2, shards
+the weights. It is idempotent, as Lightning requires for sharded strategies. Parallelism is chosen by the ``strategy``
 config; what differs per strategy at run time (how a skipped step is returned, the gradient norm) is
 asked of `t3.training.strategies`, so nothing here branches on it.
+
+Under sequence parallelism every rank of an SP group reads the same samples (`t3.training.datamodule`),
+draws the same noise from their positions and returns the same full-sample loss; the loss is multiplied
+by ``loss_scale`` (1 for every strategy: `t3.parallel.loss`), and the logged loss, a mean over all ranks,
+counts every SP group ``sp`` times, i.e. it is the mean over samples.
 
 Randomness is per sample: the noise level and noise of the sample at stream position ``p`` come from a
 generator seeded with ``(seed, p)`` (`t3.diffusion.sample_seed`; positions: `t3.training.datamodule`), so
@@ -68,6 +74,10 @@ class T3FinetuneModule(L.LightningModule):
         parallelize: ``fn(dit, device_mesh, param_dtype=...)`` applied in ``configure_model`` when the
             strategy provides a device mesh (FSDP2).
         param_dtype: Compute dtype handed to ``parallelize`` (bf16 on GPU).
+        sequence_parallelize: ``fn(dit) -> dit`` applied in ``configure_model`` before ``parallelize``
+            (`t3.training.strategies.sequence_parallelize`); None: no sequence parallelism.
+        loss_scale: Factor on the loss each rank back-propagates
+            (`t3.training.strategies.sequence_parallel_loss_scale`).
     """
 
     def __init__(
@@ -86,6 +96,8 @@ class T3FinetuneModule(L.LightningModule):
         cpu_offload_optimizer: bool = False,
         parallelize: Callable[..., nn.Module] | None = None,
         param_dtype: torch.dtype | None = None,
+        sequence_parallelize: Callable[[nn.Module], nn.Module] | None = None,
+        loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.model_cfg = model
@@ -101,6 +113,8 @@ class T3FinetuneModule(L.LightningModule):
         self.cpu_offload_optimizer = cpu_offload_optimizer
         self.parallelize = parallelize
         self.param_dtype = param_dtype
+        self.sequence_parallelize = sequence_parallelize
+        self.loss_scale = loss_scale
         sampler_params = {
             "shifted": {"shift": objective.flow_shift},
             "shifted_discrete": {
@@ -135,6 +149,8 @@ class T3FinetuneModule(L.LightningModule):
         if self.finetune.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
         dit.train()
+        if self.sequence_parallelize is not None:  # hooks only: FSDP2 below wraps the same modules
+            dit = self.sequence_parallelize(dit)
         if self.parallelize is not None and self._device_mesh is not None:
             dit = self.parallelize(dit, self._device_mesh, param_dtype=self.param_dtype)
         self.dit = dit
@@ -200,7 +216,9 @@ class T3FinetuneModule(L.LightningModule):
             self.consecutive_bad = 0
         self._end_of_micro_batch(loss.detach(), bad)
         if not bad:
-            return loss
+            # The sample's loss; under sequence parallelism every rank of an SP group holds it, and the
+            # scale makes the strategy's gradient averaging over all ranks the data-parallel mean.
+            return loss * self.loss_scale
         logger.warning(
             "non-finite loss at step %d (positions %s): skipping (%d in a row, %d in total)",
             self.global_step,

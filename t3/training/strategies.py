@@ -4,6 +4,12 @@
 branches on it (torchtitan's rule). The one model-side hook, FSDP2's per-block sharding, is the function
 `fsdp2_parallelize` that the LightningModule applies when the strategy hands it a device mesh.
 
+Sequence parallelism (``parallel.sequence_parallel_size`` > 1, `t3.parallel`) is applied the same way,
+from outside: `sequence_parallelize` builds the SP process groups and hooks the DiT in ``configure_model``
+(after the T3 swap and gradient checkpointing, before FSDP2 sharding); the strategies themselves run
+unchanged over all ranks. `sequence_parallel_loss_scale` is the factor on each rank's loss that makes
+their gradient averaging exact (1 for every strategy here: `t3.parallel.loss`).
+
 CPU DeepSpeed
 -------------
 Lightning's ``DeepSpeedStrategy.setup_environment`` raises unless the accelerator is a
@@ -51,7 +57,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
-from t3.config import StrategyConfig
+from t3.config import ParallelConfig, StrategyConfig
 
 __all__ = [
     "T3DeepSpeedStrategy",
@@ -62,6 +68,8 @@ __all__ = [
     "fsdp2_parallelize",
     "gather_state_dict",
     "gradient_norm",
+    "sequence_parallel_loss_scale",
+    "sequence_parallelize",
     "skipped_loss",
 ]
 
@@ -234,6 +242,43 @@ def fsdp2_parallelize(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def sequence_parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
+    """Shard every sample's video tokens over SP groups of ``cfg.sequence_parallel_size`` ranks.
+
+    Collective (it creates the process groups of `t3.parallel.build_parallel_groups`): every rank calls
+    it, after ``torch.distributed`` is initialised. Hooks and attention processors only
+    (`t3.parallel.apply_sequence_parallel`): parameters, their names and the state dict are unchanged,
+    so checkpoints and exports are those of a run without SP. Size 1 returns the model untouched.
+
+    Args:
+        model: The transformed DiT (`t3.transform`), ready for training.
+        cfg: The ``parallel`` config.
+    """
+    from t3.parallel import apply_sequence_parallel, build_parallel_groups
+
+    if cfg.sequence_parallel_size == 1:
+        return model
+    groups = build_parallel_groups(cfg.sequence_parallel_size)
+    logger.info(
+        "sequence parallelism: %d SP groups of %d ranks; this rank reads data-parallel stream %d",
+        groups.dp_size, groups.sp_size, groups.dp_rank,
+    )  # fmt: skip
+    return apply_sequence_parallel(
+        model, groups.sp_group, align=cfg.align, policy=cfg.policy, max_imbalance=cfg.max_imbalance
+    )
+
+
+def sequence_parallel_loss_scale(world_size: int, sequence_parallel_size: int) -> float:
+    """The factor on each rank's loss under sequence parallelism (`t3.parallel.loss`).
+
+    DDP, DeepSpeed ZeRO and FSDP2 as `build_strategy` configures them all sum gradients over every rank
+    and divide by the world size, so the rule gives 1: each rank's loss is the sample's loss, as it is.
+    """
+    from t3.parallel import loss_scale
+
+    return loss_scale(world_size, sequence_parallel_size, gradient_divisor=world_size)
 
 
 # --- what differs per strategy at run time ----------------------------------------------------------------

@@ -15,6 +15,7 @@ and rerunning the same command continues it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -214,7 +215,7 @@ def _callbacks(cfg: DictConfig, facts: RunFacts, run_dir: Path) -> list[Callback
             save_on_train_epoch_end=False,
         ),
         StepTimer(cfg.batch.global_size, int(torch.tensor(facts.grid).prod())),
-        DataSkipMonitor(cfg.data.max_skipped_fraction),
+        DataSkipMonitor(cfg.data.max_skipped_fraction, sequence_parallel_size=facts.sequence_parallel_size),
     ]
     if cfg.ema.enabled:
         callbacks.append(EMACallback(cfg.ema.decay))
@@ -388,7 +389,13 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
     from t3.training.datamodule import T3DataModule
     from t3.training.export import export_dit
     from t3.training.module import T3FinetuneModule
-    from t3.training.strategies import build_strategy, fsdp2_parallelize, gather_state_dict
+    from t3.training.strategies import (
+        build_strategy,
+        fsdp2_parallelize,
+        gather_state_dict,
+        sequence_parallel_loss_scale,
+        sequence_parallelize,
+    )
 
     run_dir = Path(cfg.run_dir)
     digest = training_digest(cfg)
@@ -420,6 +427,10 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         cpu_offload_optimizer=cfg.strategy.name == "deepspeed" and cfg.strategy.offload_optimizer,
         parallelize=fsdp2_parallelize if cfg.strategy.name == "fsdp2" else None,
         param_dtype=torch.bfloat16 if (bf16 and on_gpu) else None,
+        sequence_parallelize=functools.partial(sequence_parallelize, cfg=OmegaConf.to_object(cfg.parallel))
+        if facts.sequence_parallel_size > 1
+        else None,
+        loss_scale=sequence_parallel_loss_scale(facts.world_size, facts.sequence_parallel_size),
     )
     validate_every = cfg.validation.every_n_steps if cfg.data.val is not None else 0
     datamodule = T3DataModule(
@@ -429,6 +440,7 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
         micro_batch_size=cfg.batch.micro_size,
         accumulate=facts.accumulate,
         seed=cfg.seed,
+        sequence_parallel_size=facts.sequence_parallel_size,
         num_workers=cfg.data.num_workers,
         val_num_batches=cfg.validation.num_batches,
     )
@@ -474,13 +486,16 @@ def _train(cfg: DictConfig, *, callbacks: Sequence[Callback] = ()) -> tuple[dict
     if ckpt_path:
         logger.info("resuming from %s", ckpt_path)
     logger.info(
-        "training %s: %d steps, global batch %d = %d x %d GPUs x %d accumulation, run dir %s",
+        "training %s: %d steps, global batch %d = %d x %d data-parallel x %d accumulation "
+        "(%d GPUs, %d per video), run dir %s",
         cfg.experiment_name,
         cfg.trainer.max_steps,
         cfg.batch.global_size,
         cfg.batch.micro_size,
-        facts.world_size,
+        facts.data_parallel_size,
         facts.accumulate,
+        facts.world_size,
+        facts.sequence_parallel_size,
         run_dir,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
