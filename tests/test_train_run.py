@@ -588,6 +588,43 @@ def test_changed_settings_are_refused_and_resume_false_starts_clean(tmp_path, ca
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
+@pytest.mark.parametrize(
+    ("devices", "sp", "words"),
+    [
+        (
+            2,
+            3,
+            "parallel.sequence_parallel_size=3 does not divide the world size 2 (accepted: a divisor of 2: 1, 2)",
+        ),
+        (
+            1,
+            2,
+            "parallel.sequence_parallel_size=2 does not divide the world size 1 (accepted: a divisor of 1: 1)",
+        ),
+    ],
+)
+def test_sequence_parallel_size_not_dividing_the_world_stops_training_before_any_model(
+    devices, sp, words, tmp_path, cache_dir, monkeypatch
+):
+    from t3.config import ConfigError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr("t3.training.module.build_dit", no_model)
+    cfg = run_cfg(
+        tmp_path,
+        cache_dir,
+        f"trainer.devices={devices}",
+        "strategy=ddp",
+        f"parallel.sequence_parallel_size={sp}",
+    )
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    assert str(error.value) == words
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_failed_run_summary_keeps_the_root_cause(tmp_path, cache_dir):
     from t3.summary import read_run_summary
 
