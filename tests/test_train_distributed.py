@@ -4,7 +4,9 @@ Each strategy runs ``torchrun --standalone --nproc_per_node 2 train.py ...`` (th
 global batch 4 = micro-batch 1 x 2 processes x 2 accumulation steps; the reference is one in-process run
 with micro-batch 2 x 2 accumulation steps. The samples, noise levels and noise of every step are the same
 in both (they are indexed by stream position), so per-step losses, gradient norms, the validation loss and
-the exported weights must agree up to float reduction order.
+the exported weights must agree up to float reduction order. The same holds with sequence parallelism
+(``parallel.sequence_parallel_size=2``: the two ranks of an SP group share each sample), with 2 and 4
+processes, and across a resume.
 """
 
 from __future__ import annotations

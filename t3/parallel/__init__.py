@@ -9,7 +9,8 @@ Applied from outside the model (the model code stays single-device), one idea pe
 - `comm`: autograd-aware all-to-all of rows and gathering of shards;
 - `attention`: T3 attention on token shards (`sequence_parallel_attention`);
 - `apply`: hooks and processors that run a transformed Wan DiT under SP (`apply_sequence_parallel`);
-- `groups`: SP and data-parallel process groups (`build_parallel_groups`);
+- `groups`: SP and data-parallel process groups (`build_parallel_groups`) and the sample stream each
+  rank reads (`data_parallel_rank`);
 - `loss`: the loss scale that makes the engine's gradient averaging exact (`loss_scale`);
 - `cost`: bytes exchanged (T3-aware and Ulysses) and per-rank attention MACs of a schedule.
 """
