@@ -34,7 +34,10 @@ def test_speed_stage_measures_dense_and_t3_on_the_tiny_model(tiny_models, tmp_pa
     assert [r["schedule"] for r in report["results"]] == ["dense", "wan21_windows"]
     for row in report["results"]:
         assert row["dit_step_s"]["median"] > 0 and row["dit_step_s"]["repeats"] == 1
-        assert 0 < row["attention_share"] < 1
+        # Attention and the whole step are timed separately (median of the repeats): on a loaded CPU
+        # with one repeat of a tiny model their ratio can pass 1, so only its definition is checked.
+        assert row["attention_s"] > 0
+        assert row["attention_share"] == pytest.approx(row["attention_s"] / row["dit_step_s"]["median"])
         assert row["dit_step_peak_memory_bytes"] > 0
         assert row["e2e_s"]["steps"] == 2 and row["e2e_s"]["text_encoding"] > 0 and row["e2e_s"]["decode"] > 0
         assert row["e2e_s"]["dit_passes"] == 4  # 2 steps x 2 with CFG, stated beside the latency
