@@ -14,7 +14,9 @@ import torch
 
 from .conftest import REPO_ROOT
 
-CHECK_NAMES = ["environment", "pytest_gpu", "attention", "dit", "memory", "lightning", "dit_wan22"]
+CHECK_NAMES = [
+    "environment", "pytest_gpu", "attention", "dit", "memory", "lightning", "sequence_parallel", "dit_wan22",
+]  # fmt: skip
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -102,6 +104,12 @@ def test_cpu_tiny_run_writes_every_check_result_and_the_summary(tmp_path):
     assert all(0 < r["measured / predicted"] < 10 for r in memory)
     (train,) = [r for r in rows if r["check"] == "lightning"]
     assert train["status"] == "completed" and math.isfinite(train["final loss"])
+    (sp,) = [r for r in rows if r["check"] == "sequence_parallel"]
+    assert (
+        sp["dtype"] == "float32"
+        and sp["max |SP - plain| / max |plain|"] <= 1e-4
+        and sp["SP / plain time"] > 0
+    )
 
     summary = (out / "summary.md").read_text()
     assert "finished after" in summary and summary.count("| ok |") == len(CHECK_NAMES)

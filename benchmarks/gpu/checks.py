@@ -601,7 +601,61 @@ def lightning(ctx: Context) -> None:
         raise RuntimeError(f"trainer=gpu trained on {speed.get('device')}")
 
 
-# --- 6. Wan2.2 (last: runs on whatever time is left) ------------------------------------------------------
+# --- 6. sequence parallelism at sp=1 ---------------------------------------------------------------------
+
+#: Largest accepted ``max |SP - plain| / max |plain|`` of the forward outputs: the SP path computes the
+#: same groups in another batching, so bf16 rounding differs slightly; float32 must agree to rounding.
+SP_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@check(budget_s=45, min_s=20)
+def sequence_parallel(ctx: Context) -> None:
+    """Sequence parallelism on one GPU (sp=1): the SP path's forward equals the plain T3 forward; its overhead."""
+    import torch.distributed as dist
+
+    import t3
+    from t3.parallel import apply_sequence_parallel, remove_sequence_parallel, sequence_parallel_state
+
+    # A one-rank group on the check's device: the SP hooks, index maps and collectives run on CUDA (NCCL)
+    # exactly as in a multi-GPU run, with nothing to exchange.
+    backend = "nccl" if ctx.on_gpu else "gloo"
+    if ctx.on_gpu:
+        torch.cuda.set_device(ctx.device)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        s = setting("t3_720p", ctx.tiny)
+        grid = s.facts.grid
+        dtype = _dtype(ctx)
+        dit = random_dit(s.facts.preset, ctx.device, dtype).eval().requires_grad_(False)
+        t3.transform(dit, s.facts.schedule, backend=s.cfg.model.attention_backend)
+        inputs = _dit_inputs(s, ctx)
+        forward = functools.partial(_forward, dit, inputs)
+        plain_out = forward()
+        plain = _attempt(lambda: _measure(ctx, forward))
+        apply_sequence_parallel(dit, dist.new_group([0]))
+        if sequence_parallel_state(dit) is None:  # a one-rank group must still take the SP path
+            raise RuntimeError("apply_sequence_parallel left the model without its SP hooks")
+        sp_out = forward()
+        with_sp = _attempt(lambda: _measure(ctx, forward))
+        remove_sequence_parallel(dit)
+        difference = float((sp_out.float() - plain_out.float()).abs().max() / plain_out.float().abs().max())
+        table = f"{s.facts.preset} at {s.size} (grid {'x'.join(map(str, grid))}), T3 {s.facts.schedule.name}"
+        ctx.emit(table, {
+            "plain forward ms": _ms(plain), "SP forward ms (sp=1)": _ms(with_sp),
+            "SP / plain time": _ratio(with_sp, plain),
+            "plain peak GiB": _gib(plain), "SP peak GiB": _gib(with_sp),
+            "max |SP - plain| / max |plain|": float(f"{difference:.3g}"), "dtype": str(dtype).removeprefix("torch."),
+        })  # fmt: skip
+        if not difference <= SP_TOLERANCE[dtype]:
+            raise RuntimeError(
+                f"sp=1 forward differs from the plain forward by {difference:.3g} (relative), "
+                f"over the {SP_TOLERANCE[dtype]:g} accepted in {dtype}"
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+# --- 7. Wan2.2 (last: runs on whatever time is left) ------------------------------------------------------
 
 
 @check(budget_s=90, min_s=45)
