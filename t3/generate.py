@@ -15,6 +15,15 @@ then the VAE decode of ``latents * latents_std + latents_mean``. Differences, al
   (one timestep per token) only matters when a conditioning frame is kept at ``t = 0``; for text-to-video
   every token has the same timestep and the two give the same prediction.
 
+Sequence parallelism (``torchrun``, one video across the ``sp`` ranks of an SP group): give every rank of
+the group a `T2VGenerator` with ``sp_group`` (`t3.parallel.build_parallel_groups(sp).sp_group`) and call
+`generate` on every rank with the same prompts and seed. The DiT runs under
+`t3.parallel.apply_sequence_parallel`, every rank draws the same noise and gets the same latents; only the
+group's rank 0 encodes the prompts (the others receive the embeddings by broadcast) and decodes and writes
+the videos (the others need neither a text encoder nor a VAE: pass None) while its peers wait at a group
+barrier. With several SP groups (data parallelism), give each group its own prompts and seeds, as the eval
+stage does (`t3.eval.generate_stage`).
+
 `t3.wan_pipeline.make_wan_pipeline` assembles a plain diffusers ``WanPipeline`` around a transformed DiT for
 anyone who wants the diffusers API instead.
 """
@@ -33,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import t3
@@ -48,6 +58,7 @@ from t3.models import (
     load_text_encoder,
 )
 from t3.models.build import cast_dit
+from t3.parallel import DEFAULT_MAX_IMBALANCE, apply_sequence_parallel, check_sequence_parallel
 from t3.transform import schedule_of
 from t3.video_io import pixels_to_uint8, write_video
 
@@ -147,9 +158,12 @@ class T2VGenerator:
 
     Args:
         dit: A diffusers ``WanTransformer3DModel`` (e.g. from `t3.models.load_dit`).
-        vae: The matching ``AutoencoderKLWan`` (from `t3.models.load_vae`); may be None for ``latents_only``.
+        vae: The matching ``AutoencoderKLWan`` (from `t3.models.load_vae`); may be None for ``latents_only``
+            and on the ranks of an SP group other than its rank 0 (which never decode; a VAE given there is
+            dropped, never moved to the device).
         text_encoder: A `t3.models.TextEncoder` (from `t3.models.load_text_encoder`) or a path to load one
-            from. May be None when ``embedding_cache`` already holds every prompt. It runs on whatever
+            from. May be None when ``embedding_cache`` already holds every prompt, and on the ranks of an
+            SP group other than its rank 0 (which receive the embeddings from it). It runs on whatever
             device it is on: move it with ``text_encoder.to(...)``.
         spec: The model's `ModelSpec` or preset name; decides the legal sizes and the latent shape.
         schedule: A T3 `Schedule`, a preset name, ``"recorded"`` (see above), or None/``"none"`` to
@@ -166,9 +180,15 @@ class T2VGenerator:
             the generator makes an in-memory one.
         vae_tiling: Decode in spatial tiles when frames are larger than a tile (needed at 4K).
         allow_schedule_change: Use ``schedule`` even where the DiT's T3 record names another one.
+        sp_group: The SP process group of this rank (`t3.parallel.ParallelGroups.sp_group`): the DiT runs
+            sequence-parallel over its ranks (see the module docstring); None: on this process alone.
+        sp_align, sp_policy, sp_max_imbalance: How shards are cut and attention work is assigned
+            (`t3.parallel.apply_sequence_parallel`; ``parallel.align`` ... in the configs).
 
     Raises:
-        ValueError: If the DiT does not match ``spec`` (latent channels or patch size).
+        ValueError: If the DiT does not match ``spec`` (latent channels or patch size), or ``sp_group`` is
+            given with ``schedule=None`` (sequence parallelism runs a transformed DiT; ``"dense"`` for
+            full attention).
         t3.models.record.ScheduleConflictError: ``schedule`` differs from the DiT's recorded one.
     """
 
@@ -189,6 +209,10 @@ class T2VGenerator:
         embedding_cache: PromptEmbeddingCache | None = None,
         vae_tiling: bool = True,
         allow_schedule_change: bool = False,
+        sp_group: dist.ProcessGroup | None = None,
+        sp_align: str = "tokens",
+        sp_policy: str = "auto",
+        sp_max_imbalance: float = DEFAULT_MAX_IMBALANCE,
     ) -> None:
         self.spec = _as_spec(spec)
         config = dit.config
@@ -205,14 +229,19 @@ class T2VGenerator:
                 f"the VAE has z_dim {vae.config.z_dim} but model spec {self.spec.name} expects "
                 f"{self.spec.vae_channels} latent channels"
             )
+        if isinstance(schedule, str) and schedule.lower() == "none":
+            schedule = None
+        if sp_group is not None and schedule is None:
+            raise ValueError(
+                "sequence parallelism runs a T3-transformed DiT: give T2VGenerator a schedule "
+                "('dense' for full attention), not None"
+            )
         self.device = torch.device(device)
         self.dtype = dtype
 
         if cast_dit(dit, dtype):
             logger.info("cast the DiT to %s (fp32 modules kept)", dtype)
         self.dit = dit.to(self.device).eval().requires_grad_(False)
-        if isinstance(schedule, str) and schedule.lower() == "none":
-            schedule = None
         if isinstance(schedule, str) and schedule == "recorded":
             from t3.models.record import T3Record
 
@@ -228,13 +257,25 @@ class T2VGenerator:
             )
         self.schedule = schedule_of(self.dit)
 
+        self.sp_group = sp_group
+        self.sp_size = dist.get_world_size(sp_group) if sp_group is not None else 1
+        self.sp_rank = dist.get_rank(sp_group) if sp_group is not None else 0
+        self.sp_align = sp_align
+        if sp_group is not None:
+            apply_sequence_parallel(
+                self.dit, sp_group, align=sp_align, policy=sp_policy, max_imbalance=sp_max_imbalance
+            )
+        if not self.decodes:
+            vae = text_encoder = None  # rank 0 of the SP group encodes and decodes for all of it
+            embedding_cache = None
+
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
         self.vae_tiling = vae_tiling
 
         if isinstance(text_encoder, str | os.PathLike):
             text_encoder = load_text_encoder(text_encoder)
         self.text_encoder = text_encoder
-        if embedding_cache is None:
+        if embedding_cache is None and self.decodes:
             if text_encoder is None:
                 raise ValueError(
                     "T2VGenerator needs a text_encoder or an embedding_cache holding the prompts"
@@ -246,13 +287,19 @@ class T2VGenerator:
             build_scheduler(scheduler, flow_shift=flow_shift) if isinstance(scheduler, str) else scheduler
         )
         logger.info(
-            "T2VGenerator: %s, schedule %s, %s, %s on %s",
+            "T2VGenerator: %s, schedule %s, %s, %s on %s%s",
             self.spec.name,
             self.schedule.name if self.schedule is not None else "none (untransformed)",
             type(self.scheduler).__name__,
             dtype,
             self.device,
+            f", sequence parallel rank {self.sp_rank} of {self.sp_size}" if sp_group is not None else "",
         )
+
+    @property
+    def decodes(self) -> bool:
+        """Whether this process encodes prompts, decodes and writes videos: rank 0 of its SP group (or alone)."""
+        return self.sp_rank == 0
 
     def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, int, int, int]:
         """Latent ``(C, T, H, W)`` of one video; checks the size first (legal, within the RoPE table)."""
@@ -260,24 +307,41 @@ class T2VGenerator:
         return self.spec.latent_shape(frames, height, width)
 
     def check_schedule(self, height: int, width: int, frames: int) -> None:
-        """Fail now, naming the layer, if the T3 schedule cannot run on this video's token grid."""
+        """Fail now, naming the layer (or the SP key), if the T3 schedule cannot run on this video's token
+        grid, or the SP group cannot shard it."""
         if self.schedule is None:
             return
         grid = self.spec.video_token_grid(frames, height, width)
         self.schedule.plans(grid, len(self.dit.blocks))
+        check_sequence_parallel(grid, self.sp_size, self.sp_align)
 
     def check_memory(self, height: int, width: int, frames: int, batch: int) -> None:
         """Fail now, in one line, if a DiT forward on ``batch`` samples of this size cannot fit beside
-        what is already loaded (`t3.memory.check_inference_memory`)."""
+        what is already loaded (`t3.memory.check_inference_memory`).
+
+        Skipped under sequence parallelism: the estimate is that of the whole sample on one device, an
+        upper bound of a shard's that would refuse runs SP makes fit."""
+        if self.sp_size > 1:
+            return
         check_inference_memory(
             self.spec, (height, width, frames), batch=batch, dtype=self.dtype, device=self.device,
             what="generate", instead="batch_size=1" if batch > 2 else "", weights_loaded=True,
         )  # fmt: skip
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Zero-padded prompt embeddings ``[B, text_len, dim]`` on the DiT's device and dtype (cached)."""
-        embeddings, _ = self.embedding_cache.get(list(prompts))
-        return embeddings.to(self.device, self.dtype)
+        """Zero-padded prompt embeddings ``[B, text_len, dim]`` on the DiT's device and dtype (cached).
+
+        Under sequence parallelism every rank of the group calls this together: rank 0 encodes and
+        broadcasts, so the text encoder lives on one device per group."""
+        if self.decodes:
+            embeddings, _ = self.embedding_cache.get(list(prompts))
+            embeddings = embeddings.to(self.device, self.dtype).contiguous()
+        else:
+            shape = (len(prompts), self.spec.text_len, int(self.dit.config.text_dim))
+            embeddings = torch.empty(shape, device=self.device, dtype=self.dtype)
+        if self.sp_group is not None:
+            dist.broadcast(embeddings, src=dist.get_global_rank(self.sp_group, 0), group=self.sp_group)
+        return embeddings
 
     def denoise_fn(self, x: torch.Tensor, timestep: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The DiT as `t3.diffusion.sample` calls it: the flow prediction for ``x`` at ``timestep``."""
@@ -362,6 +426,11 @@ def generate(
     so its video does not depend on ``batch_size`` or the device's RNG, and the same seed gives bit-identical
     latents on CPU. Use a disjoint seed range per call when sharding a prompt list.
 
+    Under sequence parallelism (a generator made with ``sp_group``), every rank of the group calls this
+    with the same arguments and gets the same latents; only the group's rank 0 decodes, writes into
+    ``out_dir`` and returns frames or paths (the others' results carry the latents if asked, nothing
+    else), and the group meets at a barrier after each batch.
+
     Args:
         prompts: A prompt or a list of prompts.
         generator: The loaded model (`T2VGenerator`).
@@ -385,9 +454,10 @@ def generate(
 
     Raises:
         ValueError: For an invalid size (naming the nearest valid ones) or one beyond the model's RoPE
-            table, step count, batch size or fps, a T3 schedule that does not fit the token grid, or a
-            DiT step that cannot fit in the device's free memory (`t3.memory.DoesNotFitError`), all
-            before any model work.
+            table, step count, batch size or fps, a T3 schedule that does not fit the token grid, an SP
+            group that cannot shard it (`t3.parallel.LayoutError`, naming
+            ``parallel.sequence_parallel_size``), or a DiT step that cannot fit in the device's free
+            memory (`t3.memory.DoesNotFitError`), all before any model work.
         OSError: If ``out_dir`` cannot be created or written.
     """
     prompts = _as_prompt_list(prompts)
@@ -401,11 +471,11 @@ def generate(
         raise ValueError(f"fps must be > 0, got {fps}")
     gen.check_schedule(height, width, frames)
     gen.check_memory(height, width, frames, cfg_batch(guidance_scale, min(batch_size, len(prompts))))
-    decode = not latents_only
+    decode = not latents_only and gen.decodes  # under SP, rank 0 of the group decodes for all of it
     if decode and gen.vae is None:
         raise ValueError("generate: this T2VGenerator has no VAE; pass latents_only=True or give it a VAE")
     out = _prepare_out_dir(out_dir) if (out_dir is not None and decode) else None
-    if out_dir is not None and not decode:
+    if out_dir is not None and latents_only:
         logger.info("latents_only: nothing is written to %s", out_dir)
 
     use_cfg = guidance_scale > 1.0
@@ -472,6 +542,9 @@ def generate(
                 else:
                     result.frames = pixels
             results.append(result)
+        if gen.sp_group is not None:
+            # The peers wait here while rank 0 decodes and writes (they need no VAE memory meanwhile).
+            dist.barrier(group=gen.sp_group)
         logger.info(
             "batch %d-%d: text %.2fs, denoise %.2fs%s",
             start, start + size - 1, t_text[0], t_denoise[0],
