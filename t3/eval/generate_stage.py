@@ -12,6 +12,14 @@ A video counts as done only when both files exist and the record's frame count e
 a record (regenerated), or a temporary file (deleted on restart, only for this shard's videos, since other
 shards may be writing theirs). A record made with other settings (steps, size, checkpoint...) stops the
 run with an error naming the file and the key, instead of mixing two runs in one folder.
+
+Under ``torchrun`` (``parallel.sequence_parallel_size`` = ``sp``, see `t3.parallel`): the ``world / sp``
+SP groups of consecutive ranks split the shard's missing videos (group ``k`` takes the ``k``-th of every
+``world / sp``, from one list that global rank 0 makes and broadcasts, so every rank sees the same split);
+the ranks of a group make one video at a time together, with the same seed and noise. Rank 0 of each
+group alone builds the text encoder and the VAE, decodes and writes the video and its record; the others
+hold only the DiT and wait at a group barrier meanwhile. Each record names the ``sequence_parallel_size``
+it was made with (not a setting that must agree for a rerun to keep a video: SP gives the same latents).
 """
 
 from __future__ import annotations
@@ -24,15 +32,25 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch.distributed as dist
 
 from t3.attention import Schedule
+from t3.config import ParallelConfig
 from t3.eval.jobs import VideoJob, completed_record, shard_jobs
 from t3.eval.prompts import PromptEntry
-from t3.eval.settings import GenerationSettings, ModelPaths, check_settings, resolve_device, resolve_dtype
+from t3.eval.settings import (
+    GenerationSettings,
+    ModelPaths,
+    check_parallel,
+    check_settings,
+    resolve_device,
+    resolve_dtype,
+)
 from t3.generate import (
     T2VGenerator,
     cfg_batch,
@@ -41,6 +59,8 @@ from t3.generate import (
 from t3.io import sha256_file, write_json_atomic
 from t3.memory import check_inference_memory
 from t3.models import get_spec
+from t3.parallel import ParallelGroups, build_parallel_groups
+from t3.parallel.torchrun import distributed_from_env, env_world_size
 from t3.profiling import device_name
 from t3.video_io import write_video
 
@@ -52,6 +72,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Record keys that must agree between a finished video and the current run for it to be kept.
 RECORD_KEYS = (
@@ -147,13 +169,22 @@ def checkpoint_sha256(path: str | os.PathLike, cache_file: str | os.PathLike | N
 
 @dataclass
 class GenerationSummary:
-    """What one shard did."""
+    """What one shard did (under ``torchrun``: what this rank's SP group did).
+
+    Attributes:
+        shard_index, num_shards: The shard.
+        num_jobs: Videos of the shard.
+        skipped: Those already complete.
+        generated: Those this process's SP group made (alone: this process).
+        writer: Whether this process wrote them (rank 0 of its SP group, or alone).
+    """
 
     shard_index: int
     num_shards: int
     num_jobs: int
-    skipped: list[str] = field(default_factory=list)  # already complete
+    skipped: list[str] = field(default_factory=list)
     generated: list[str] = field(default_factory=list)
+    writer: bool = True
 
 
 def _expected_record(
@@ -199,11 +230,15 @@ def run_generation(
     shard_index: int = 0,
     num_shards: int = 1,
     hash_cache: str | os.PathLike | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> GenerationSummary:
     """Generate this shard's missing videos into ``out_dir``.
 
-    Everything that can fail from the config alone (size, schedule, paths, records of another run) fails
-    before a model is loaded; the models are not loaded at all when the shard is already complete.
+    Everything that can fail from the config alone (size, schedule, SP size against the world size and
+    the token grid, paths, records of another run) fails before a model is loaded; the models are not
+    loaded at all when the shard is already complete. Under ``torchrun`` (``WORLD_SIZE > 1``) every rank
+    calls this; it joins the launch's process group (`t3.parallel.torchrun`) and splits the work as the
+    module docstring says.
 
     Args:
         entries: The whole benchmark (all shards), as from `t3.eval.prompts.load_prompts`.
@@ -214,40 +249,101 @@ def run_generation(
         shard_index: This shard.
         num_shards: Number of shards.
         hash_cache: JSON file caching checkpoint hashes.
+        parallel: Sequence parallelism (the ``parallel`` config node); None: one rank per video.
 
     Returns:
         A `GenerationSummary`.
     """
+    parallel = parallel if parallel is not None else ParallelConfig()
     check_settings(settings, model, schedule)
+    check_parallel(parallel, settings, model, env_world_size())
     model.check()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = shard_jobs(entries, settings.seeds, out, shard_index, num_shards)
-    summary = GenerationSummary(shard_index, num_shards, len(jobs))
+    with distributed_from_env(resolve_device(settings.device)) as distributed:
+        groups = build_parallel_groups(parallel.sequence_parallel_size) if distributed else None
+        return _generate_shard(
+            entries, Path(out_dir), settings, model, schedule, shard_index, num_shards, hash_cache,
+            parallel, groups,
+        )  # fmt: skip
+
+
+def _on_rank0(compute: Callable[[], _T]) -> _T:
+    """``compute()`` run on global rank 0 alone; its result, or its exception, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return compute()
+    payload: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = (True, compute())
+        except Exception as err:  # the other ranks must not wait for a list that never comes
+            payload[0] = (False, err)
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _pending(
+    jobs: list[VideoJob],
+    settings: GenerationSettings,
+    model: ModelPaths,
+    schedule: Schedule,
+    hash_cache: str | os.PathLike | None,
+) -> tuple[list[str], list[tuple[VideoJob, dict[str, Any]]]]:
+    """The complete videos' names, and the missing ones with their expected records (leftovers removed)."""
     # The tiny random DiT is identified by its seed: the same seed builds the same weights.
     ckpt_sha = (
         checkpoint_sha256(model.dit_path, hash_cache) if model.dit_path is not None else model.dit_source
     )
-
-    todo = []
+    skipped, todo = [], []
     for job in jobs:
         _remove_partials(job)
         expected = _expected_record(job, settings, model, schedule, ckpt_sha)
         record = completed_record(job)
         if record is not None:
             _check_record_matches(job, record, expected)
-            summary.skipped.append(job.name)
+            skipped.append(job.name)
         else:
             todo.append((job, expected))
+    return skipped, todo
+
+
+def _generate_shard(
+    entries: Sequence[PromptEntry],
+    out: Path,
+    settings: GenerationSettings,
+    model: ModelPaths,
+    schedule: Schedule,
+    shard_index: int,
+    num_shards: int,
+    hash_cache: str | os.PathLike | None,
+    parallel: ParallelConfig,
+    groups: ParallelGroups | None,
+) -> GenerationSummary:
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = shard_jobs(entries, settings.seeds, out, shard_index, num_shards)
+    # One look at the folder, by one rank: ranks that looked at different moments would split differently.
+    skipped, todo = _on_rank0(lambda: _pending(jobs, settings, model, schedule, hash_cache))
+    writer = groups is None or groups.sp_rank == 0
+    summary = GenerationSummary(shard_index, num_shards, len(jobs), skipped=skipped, writer=writer)
+    where = f"shard {shard_index}/{num_shards}"
+    if groups is not None:
+        todo = todo[groups.dp_rank :: groups.dp_size]
+        where += f", SP group {groups.dp_rank}/{groups.dp_size} (rank {groups.sp_rank} of {groups.sp_size})"
     logger.info(
-        "shard %d/%d: %d videos, %d complete, %d to generate in %s",
-        shard_index, num_shards, len(jobs), len(summary.skipped), len(todo), out,
+        "%s: %d videos, %d complete, %d to generate in %s",
+        where, len(jobs), len(skipped), len(todo), out,
     )  # fmt: skip
     if not todo:
         return summary
 
-    check_memory(settings, model)
-    generator = _load_generator(settings, model, schedule)
+    if parallel.sequence_parallel_size == 1:
+        check_memory(settings, model)
+    else:  # the estimate is the whole sample's on one device: it would refuse what SP makes fit
+        logger.info(
+            "memory check skipped: parallel.sequence_parallel_size=%d", parallel.sequence_parallel_size
+        )
+    generator = _load_generator(settings, model, schedule, parallel, groups)
     device = generator.device
     for job, expected in todo:
         result = generate(
@@ -263,6 +359,9 @@ def run_generation(
             fps=settings.fps,
             progress=False,
         )[0]
+        summary.generated.append(job.name)
+        if not writer:
+            continue
         assert result.frames is not None
         created = datetime.datetime.now(datetime.UTC)
         start = time.perf_counter()
@@ -280,27 +379,35 @@ def run_generation(
             "dtype": str(generator.dtype).removeprefix("torch."),
             "device": device_name(device),
             "attention_backend": settings.backend,
+            "sequence_parallel_size": parallel.sequence_parallel_size,
             "timings_s": {**asdict(result.timings), "total": result.timings.total},
             "created_utc": created.isoformat(timespec="seconds"),
         }
         # After the mp4: a record always describes a complete video.
         write_json_atomic(job.record, record)
-        summary.generated.append(job.name)
         logger.info(
-            "shard %d/%d: %s done (%d/%d) in %.1fs",
-            shard_index, num_shards, job.name, len(summary.generated), len(todo), result.timings.total,
+            "%s: %s done (%d/%d) in %.1fs",
+            where, job.name, len(summary.generated), len(todo), result.timings.total,
         )  # fmt: skip
     return summary
 
 
-def _load_generator(settings: GenerationSettings, model: ModelPaths, schedule: Schedule) -> T2VGenerator:
-    """Load the DiT (in the compute dtype), the VAE (float32) and the text encoder onto the device."""
+def _load_generator(
+    settings: GenerationSettings,
+    model: ModelPaths,
+    schedule: Schedule,
+    parallel: ParallelConfig,
+    groups: ParallelGroups | None,
+) -> T2VGenerator:
+    """Load the DiT (in the compute dtype), the VAE (float32) and the text encoder onto the device; under
+    SP the VAE and the text encoder on rank 0 of the group only."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    first = groups is None or groups.sp_rank == 0
     return T2VGenerator(
         model.load_dit(dtype),
-        model.load_vae(),
-        model.load_text_encoder(dtype).to(device),
+        model.load_vae() if first else None,
+        model.load_text_encoder(dtype).to(device) if first else None,
         spec=model.preset,
         schedule=schedule,
         backend=settings.backend,
@@ -313,4 +420,8 @@ def _load_generator(settings: GenerationSettings, model: ModelPaths, schedule: S
         # The schedule was chosen against the checkpoint's T3 record by the caller (eval.py:
         # t3.eval.run.eval_schedule, which refuses a conflict unless allow_schedule_change=true).
         allow_schedule_change=True,
+        sp_group=groups.sp_group if groups is not None else None,
+        sp_align=parallel.align,
+        sp_policy=parallel.policy,
+        sp_max_imbalance=parallel.max_imbalance,
     )

@@ -1,9 +1,15 @@
 """``eval.py``'s task: turn the composed ``conf/eval.yaml`` into a call of one stage.
 
 * ``stage=generate`` (default): this shard's videos (`t3.eval.generate_stage.run_generation`);
-  ``dry_run=true`` prints one line per shard and loads nothing;
+  ``dry_run=true`` prints one line per shard and loads nothing. Under ``torchrun`` every rank runs it:
+  one video at a time per SP group of ``parallel.sequence_parallel_size`` ranks, the groups splitting
+  the prompts;
 * ``stage=score``: ``results.json`` / ``results.md`` / wandb table (`t3.eval.score_stage.run_scoring`);
 * ``stage=speed``: dense vs T3 latency, memory and MACs (`t3.eval.speed_stage.run_speed`).
+
+``score`` and ``speed`` run in one process: under ``torchrun`` (``WORLD_SIZE > 1``) they are refused (every
+rank would write the same results), and ``speed`` refuses ``parallel.sequence_parallel_size > 1`` (it
+measures a DiT on one device).
 
 Config values are checked here, before any weights are read; errors are one line naming the key, and
 `main` (what ``eval.py`` calls) prints them as that one line instead of a traceback.
@@ -25,14 +31,18 @@ from t3.eval.generate_stage import run_generation
 from t3.eval.prompts import PromptEntry, describe_shards, load_prompts, resolve_shard
 from t3.eval.score_stage import run_scoring
 from t3.eval.settings import (
+    check_parallel,
     check_settings,
     generation_settings,
     model_paths,
+    parallel_settings,
     score_settings,
     speed_settings,
 )
 from t3.eval.speed_stage import run_speed
 from t3.models.record import T3Record, choose_schedule
+from t3.parallel.layout import SP_KEY
+from t3.parallel.torchrun import env_world_size
 from t3.summary import describe_error, write_run_summary
 
 __all__ = ["STAGES", "eval_schedule", "main", "register_resolvers", "run"]
@@ -147,6 +157,7 @@ def run(cfg: DictConfig) -> Any:
         raise ValueError(f"stage={stage!r}: expected one of {list(STAGES)}")
     if stage == "generate":
         return _run_generate(cfg)
+    _check_one_process(cfg)
     started = time.time()
     if stage == "score":
         report = _run_score(cfg)
@@ -161,6 +172,22 @@ def run(cfg: DictConfig) -> Any:
         cfg, cfg.speed.out_dir, started, metrics={}, speed={**ratios, "device": report["setup"].get("device")}
     )
     return report
+
+
+def _check_one_process(cfg: DictConfig) -> None:
+    """``score`` and ``speed`` run in one process, ``speed`` without sequence parallelism (one line)."""
+    world = env_world_size()
+    if world > 1:
+        raise ValueError(
+            f"stage={cfg.stage} runs in one process, not under torchrun (WORLD_SIZE={world}); "
+            f"run it with python eval.py stage={cfg.stage} ..."
+        )
+    sp = parallel_settings(cfg).sequence_parallel_size
+    if cfg.stage == "speed" and sp != 1:
+        raise ValueError(
+            f"{SP_KEY}={sp}: stage=speed measures one process on one device; accepted: 1 "
+            "(time sequence-parallel generation from the records' timings_s of stage=generate)"
+        )
 
 
 def _write_summary(cfg: DictConfig, out_dir: str, started: float, *, metrics: dict, speed: dict) -> None:
@@ -186,9 +213,11 @@ def _run_generate(cfg: DictConfig) -> Any:
     shard_index, num_shards = resolve_shard(cfg.shard_index, cfg.num_shards)
     settings = generation_settings(cfg)
     model = model_paths(cfg)
+    parallel = parallel_settings(cfg)
     schedule = eval_schedule(cfg)
     if cfg.dry_run:
         check_settings(settings, model, schedule)  # a dry run is also the cheap check of a config
+        check_parallel(parallel, settings, model, env_world_size())
         lines = describe_shards(entries, num_shards)
         for line in lines:
             print(line)  # noqa: T201 - the dry run's listing is the CLI's output
@@ -206,6 +235,7 @@ def _run_generate(cfg: DictConfig) -> Any:
         shard_index=shard_index,
         num_shards=num_shards,
         hash_cache=cfg.get("hash_cache"),
+        parallel=parallel,
     )
 
 

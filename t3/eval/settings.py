@@ -7,6 +7,8 @@ unknown key; each dataclass checks its values (types through `t3.config.check_fi
 
 * ``generation`` (+ ``model.attention_backend``, ``model.attention_tokens_per_call``): `GenerationSettings`;
 * ``model`` and ``ckpt``: `ModelPaths`;
+* ``parallel``: the training config's `t3.config.ParallelConfig` (one video across the ranks of an SP
+  group under ``torchrun``), checked against the world size and the token grid by `check_parallel`;
 * ``metrics`` (``conf/metrics/*.yaml``) and ``score``: `MetricsConfig`, then `ScoreSettings` for the stage;
 * ``speed``: `SpeedSettings`.
 """
@@ -23,7 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from t3.attention import Schedule
-from t3.config import check_field_types
+from t3.config import ParallelConfig, check_field_types
+from t3.config.checks import fail
 from t3.diffusion import SCHEDULER_NAMES
 from t3.eval.metrics import DoverSettings, ViClipSettings
 from t3.eval.metrics.fvd import DETECTOR_KWARGS, I3D_NUM_FEATURES
@@ -38,10 +41,12 @@ __all__ = [
     "ModelPaths",
     "ScoreSettings",
     "SpeedSettings",
+    "check_parallel",
     "check_settings",
     "from_node",
     "generation_settings",
     "model_paths",
+    "parallel_settings",
     "resolve_device",
     "resolve_dtype",
     "score_settings",
@@ -242,6 +247,27 @@ def check_settings(settings: GenerationSettings, model: ModelPaths, schedule: Sc
     spec = get_spec(model.preset)
     grid = spec.video_token_grid(settings.frames, settings.height, settings.width)  # legal, within RoPE
     schedule.plans(grid, int(spec.dit_config["num_layers"]))
+
+
+def check_parallel(
+    parallel: ParallelConfig, settings: GenerationSettings, model: ModelPaths, world_size: int
+) -> None:
+    """Fail in one line naming the key if ``world_size`` processes cannot form SP groups of
+    ``parallel.sequence_parallel_size`` ranks or such a group cannot shard the video's token grid (with
+    ``parallel.align=frames``: more ranks than latent frames); from the config alone, before any model."""
+    from t3.parallel.assignment import POLICIES
+    from t3.parallel.groups import check_world
+    from t3.parallel.layout import ALIGNS, check_sequence_parallel
+
+    if parallel.align not in ALIGNS:
+        raise fail("parallel.align", parallel.align, f"must be one of {list(ALIGNS)}")
+    if parallel.policy not in POLICIES:
+        raise fail("parallel.policy", parallel.policy, f"must be one of {list(POLICIES)}")
+    if parallel.max_imbalance < 0:
+        raise fail("parallel.max_imbalance", parallel.max_imbalance, "must be >= 0")
+    check_world(world_size, parallel.sequence_parallel_size)
+    grid = get_spec(model.preset).video_token_grid(settings.frames, settings.height, settings.width)
+    check_sequence_parallel(grid, parallel.sequence_parallel_size, parallel.align)
 
 
 # --- scoring ----------------------------------------------------------------------------------------------
@@ -474,6 +500,13 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
     if "seeds" in values:
         values["seeds"] = tuple(values["seeds"])
     return from_node(GenerationSettings, values, "generation")
+
+
+def parallel_settings(cfg: DictConfig) -> ParallelConfig:
+    """`ParallelConfig` of the ``parallel`` node (the defaults where a config has none), type-checked."""
+    parallel = from_node(ParallelConfig, OmegaConf.select(cfg, "parallel", default=None), "parallel")
+    check_field_types(parallel, "parallel")
+    return parallel
 
 
 def score_settings(cfg: DictConfig) -> ScoreSettings:
