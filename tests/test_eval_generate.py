@@ -231,6 +231,45 @@ def test_settings_are_type_checked_before_any_model_is_loaded(tmp_path, override
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "world,overrides,words",
+    [
+        (2, ["parallel.sequence_parallel_size=3"], "parallel.sequence_parallel_size=3 does not divide the world size 2"),
+        # 5 frames are 2 latent frames: 4 ranks cannot each hold whole frames
+        (4, ["parallel.sequence_parallel_size=4", "parallel.align=frames"],
+         "parallel.sequence_parallel_size=4 cannot cut 2 latent frames on frame boundaries"),
+        (1, ["parallel.sequence_parallel_size=two"], "parallel.sequence_parallel_size='two': must be an integer"),
+        (1, ["parallel.align=diagonal"], "parallel.align='diagonal': must be one of ['tokens', 'frames']"),
+        (1, ["+parallel.pipeline=2"], "parallel.pipeline: unknown key"),
+        (1, ["stage=speed", "parallel.sequence_parallel_size=2"],
+         "parallel.sequence_parallel_size=2: stage=speed measures one process on one device"),
+        (2, ["stage=score"], "stage=score runs in one process, not under torchrun (WORLD_SIZE=2)"),
+    ],
+)  # fmt: skip
+def test_bad_parallel_settings_fail_before_any_process_group_or_model(
+    tmp_path, monkeypatch, world, overrides, words
+):
+    import torch.distributed as dist
+
+    import t3.eval.generate_stage
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a process group or a model was made for a run with bad parallel settings")
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(dist, "init_process_group", must_not_run)
+    monkeypatch.setattr(t3.eval.generate_stage, "_load_generator", must_not_run)
+    base = ["model=tiny", "benchmark=tiny", f"benchmark.prompts={PROMPT_LISTS / '4k_vbench.json'}",
+            f"out_dir={tmp_path}", "generation.height=64", "generation.width=64", "generation.frames=5",
+            "model.dit_path=/nonexistent", "model.vae_path=/nonexistent", "model.text_encoder_path=/nonexistent"]  # fmt: skip
+    dry_runs = [[], ["dry_run=true"]] if not any(o.startswith("stage=") for o in overrides) else [[]]
+    for dry_run in dry_runs:
+        with pytest.raises(ValueError) as info:
+            run(compose_eval(*base, *overrides, *dry_run))
+        assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
 def test_eval_errors_are_one_line_without_a_traceback(tmp_path, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     base = ["model=tiny", "benchmark=tiny", f"out_dir={tmp_path}", "generation.height=64", "generation.width=64",
