@@ -4,6 +4,7 @@
     python eval.py ... dry_run=true num_shards=8        # what each shard of an 8-task array would do
     python eval.py ... stage=score metrics.fvd_i3d.weights=/path/i3d_torchscript.pt benchmark.data_root=/data
     python eval.py ... stage=speed generation.height=720 generation.width=1280
+    torchrun --nproc_per_node 8 eval.py ... parallel.sequence_parallel_size=8   # each video on 8 GPUs
 
 Main options:
     stage=generate|score|speed   default generate
@@ -14,6 +15,8 @@ Main options:
     generation.height/width/frames/steps/seeds   default: the authors' 2176x3840x81, 50 steps, seed 0
     shard_index=I num_shards=N   default: $SLURM_ARRAY_TASK_ID / $SLURM_ARRAY_TASK_COUNT
     out_dir=PATH                 default outputs/eval/<benchmark>/<run_name>
+    parallel.sequence_parallel_size=S   under torchrun: GPUs per video (an SP group); the world / S groups
+                                 split the prompts; default 1 (stage=generate only; score and speed: python)
     speed.macs_only=true         MAC counts only (any size, on a CPU)
 
 See ``conf/eval.yaml`` for every option and ``slurm/eval_array.sbatch`` for the array job. Bad input stops

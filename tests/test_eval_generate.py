@@ -244,6 +244,7 @@ def test_settings_are_type_checked_before_any_model_is_loaded(tmp_path, override
         (1, ["stage=speed", "parallel.sequence_parallel_size=2"],
          "parallel.sequence_parallel_size=2: stage=speed measures one process on one device"),
         (2, ["stage=score"], "stage=score runs in one process, not under torchrun (WORLD_SIZE=2)"),
+        (2, ["generation.device=cuda:1"], "generation.device='cuda:1': names one GPU for all 2 processes"),
     ],
 )  # fmt: skip
 def test_bad_parallel_settings_fail_before_any_process_group_or_model(

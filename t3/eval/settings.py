@@ -253,8 +253,9 @@ def check_parallel(
     parallel: ParallelConfig, settings: GenerationSettings, model: ModelPaths, world_size: int
 ) -> None:
     """Fail in one line naming the key if ``world_size`` processes cannot form SP groups of
-    ``parallel.sequence_parallel_size`` ranks or such a group cannot shard the video's token grid (with
-    ``parallel.align=frames``: more ranks than latent frames); from the config alone, before any model."""
+    ``parallel.sequence_parallel_size`` ranks, such a group cannot shard the video's token grid (with
+    ``parallel.align=frames``: more ranks than latent frames), or ``generation.device`` names one GPU for
+    all processes; from the config alone, before any process group or model."""
     from t3.parallel.assignment import POLICIES
     from t3.parallel.groups import check_world
     from t3.parallel.layout import ALIGNS, check_sequence_parallel
@@ -266,6 +267,12 @@ def check_parallel(
     if parallel.max_imbalance < 0:
         raise fail("parallel.max_imbalance", parallel.max_imbalance, "must be >= 0")
     check_world(world_size, parallel.sequence_parallel_size)
+    device = resolve_device(settings.device)
+    if world_size > 1 and device.type == "cuda" and device.index is not None:
+        raise fail(
+            "generation.device", settings.device,
+            f"names one GPU for all {world_size} processes; under torchrun use cuda or auto (each its LOCAL_RANK GPU)",
+        )  # fmt: skip
     grid = get_spec(model.preset).video_token_grid(settings.frames, settings.height, settings.width)
     check_sequence_parallel(grid, parallel.sequence_parallel_size, parallel.align)
 
