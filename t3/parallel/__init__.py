@@ -12,7 +12,8 @@ Applied from outside the model (the model code stays single-device), one idea pe
 - `groups`: SP and data-parallel process groups (`build_parallel_groups`) and the sample stream each
   rank reads (`data_parallel_rank`);
 - `loss`: the loss scale that makes the engine's gradient averaging exact (`loss_scale`);
-- `cost`: bytes exchanged (T3-aware and Ulysses) and per-rank attention MACs of a schedule.
+- `cost`: bytes exchanged (T3-aware and Ulysses) and per-rank attention MACs of a schedule;
+- `torchrun`: the default process group of a ``torchrun`` launch for generation (`distributed_from_env`).
 """
 
 from t3.parallel.apply import (
