@@ -14,7 +14,19 @@ from t3.attention import (
     get_schedule,
     windows_from_pieces,
 )
-from t3.attention.schedule import WAN21_4K_GRID, WAN21_4K_PIECES, WAN22_4K_GRID, WAN22_4K_PIECES
+from t3.attention.schedule import (
+    WAN21_4K_GRID,
+    WAN21_4K_PIECES,
+    WAN21_720P_GRID,
+    WAN21_WINDOWS,
+    WAN22_4K_GRID,
+    WAN22_4K_PIECES,
+    WAN22_720P_GRID,
+    WAN22_WINDOWS,
+    MadeFor,
+    Schedule,
+    dividing_windows,
+)
 
 
 def test_window_and_padding_geometry():
@@ -87,9 +99,71 @@ def test_window_presets_reproduce_authors_plans_at_4k_and_adapt_to_720p():
     # 720x1280x81 on Wan2.1: grid 21x45x80. Windows (None, 8, 8) -> pieces (1, ceil(45/8), 10).
     plans = get_schedule("wan21_windows").plans((21, 45, 80), 5)
     assert [lp.plan.pieces for lp in plans] == [(21, 1, 1), (1, 6, 10), (1, 3, 14), (3, 6, 3), (7, 3, 2)]
-    # The authors' fixed pieces cannot apply at a small grid: the error names the layer.
+    # Fixed pieces that cannot apply at a small grid: the error names the layer.
     with pytest.raises(PlanError, match="layer 1"):
-        get_schedule("wan21_4k").plans((21, 16, 16), 5)
+        build_schedule("fixed", pieces=WAN21_4K_PIECES).plans((21, 16, 16), 5)
+
+
+@pytest.mark.parametrize(
+    "name,grid,instead", [("wan21_4k", (21, 45, 80), "wan21_windows"), ("wan22_4k", (21, 22, 40), "wan22_windows")]
+)
+def test_fixed_piece_presets_refuse_other_grids_suggesting_the_window_preset(name, grid, instead):
+    """wan21_4k at 720p used to run (1, 17, 30) with 3-row windows: every grid but its own is refused."""
+    with pytest.raises(PlanError) as err:
+        get_schedule(name).plans(grid, 30)
+    assert str(err.value) == (
+        f"schedule {name!r} fixes piece counts for the token grid {get_schedule(name).made_for.grid} only, got "
+        f"{grid}; on other grids use {instead!r} (its windows as sizes)"
+    )
+    get_schedule(instead).plans(grid, 30)
+
+
+def test_padding_report_counts_padded_slots_per_layer_and_overall():
+    # wan21_windows at 720x1280x81 (grid 21x45x80, 75,600 tokens): layers 1-3 of each period pad.
+    report = get_schedule("wan21_windows").padding_report(WAN21_720P_GRID, 30)
+    assert report.tokens == 75_600
+    # (1,6,10) pads rows to 48, (1,3,14) columns to 84, (3,6,3) rows to 48 and columns to 81.
+    assert report.padded[:5] == (0, 21 * 48 * 80 - 75_600, 21 * 45 * 84 - 75_600, 21 * 48 * 81 - 75_600, 0)
+    assert report.padded[:5] == (0, 5040, 3780, 6048, 0) and report.padded[5:10] == report.padded[:5]
+    assert report.share(1) == pytest.approx(1 / 15) and report.share(3) == pytest.approx(0.08)
+    assert report.overall == pytest.approx((5040 + 3780 + 6048) / (5 * 75_600))  # 3.9%
+    assert str(report) == (
+        "schedule wan21_windows on grid (21, 45, 80), 30 layers: padding 3.9% of the real tokens overall; "
+        "plan (1,6,10) (window (21, 8, 8), 6 layers) pads 6.7%; plan (1,3,14) (window (21, 15, 6), 6 layers) "
+        "pads 5.0%; plan (3,6,3) (window (7, 8, 27), 6 layers) pads 8.0%"
+    )
+    assert "padding 6.7%" in get_schedule("wan21_windows").describe(WAN21_720P_GRID)
+    assert str(get_schedule("wan21_4k").padding_report(WAN21_4K_GRID, 30)).endswith(": no layer pads")
+
+
+@pytest.mark.parametrize(
+    "stage1,windows,grid,old",
+    [("wan21_720p", WAN21_WINDOWS, WAN21_720P_GRID, "wan21_windows"), ("wan22_720p", WAN22_WINDOWS, WAN22_720P_GRID, "wan22_windows")],
+)  # fmt: skip
+def test_stage1_presets_divide_their_720p_grids_where_the_4k_windows_pad(stage1, windows, grid, old):
+    schedule = get_schedule(stage1)
+    assert [r.window for r in schedule.rules] == list(dividing_windows(windows, grid))
+    assert not any(schedule.padding_report(grid, 30).padded)
+    assert sum(lp > 0 for lp in get_schedule(old).padding_report(grid, 5).padded) == 3
+
+
+def test_dividing_windows_takes_the_nearest_divisor_in_ratio():
+    assert dividing_windows([(None, 8, 8), (None, 17, 6), (7, 8, 30), (3, 17, 40)], (21, 45, 80)) == (
+        (None, 9, 8), (None, 15, 5), (7, 9, 40), (3, 15, 40)
+    )  # fmt: skip
+    # 17 rows of 22: 22 (the whole axis, ratio 1.29) is nearer than 11 (1.55).
+    assert dividing_windows([(7, 17, 8)], (21, 22, 40)) == ((7, None, 8),)
+
+
+def test_made_for_travels_with_the_schedule_but_changes_no_attention():
+    schedule = get_schedule("wan21_4k")
+    assert schedule.made_for == MadeFor(model="wan2.1-t2v-1.3b", grid=WAN21_4K_GRID, other_grids="wan21_windows")
+    again = Schedule.from_dict(schedule.as_dict())
+    assert again.made_for == schedule.made_for and again == schedule
+    assert build_schedule("wan21_4k", pieces=WAN21_4K_PIECES).same_attention(schedule)
+    assert Schedule.from_dict({**schedule.as_dict(), "made_for": None}).made_for is None  # older records
+    with pytest.raises(ValueError, match=r"made_for: unknown key\(s\) \['layers'\]"):
+        build_schedule("s", pieces=[(1, 1, 1)], made_for={"layers": 30})
 
 
 def test_windows_from_pieces_requires_divisibility():

@@ -59,10 +59,10 @@ def test_experiment_builds_on_meta(name):
 
 PAPER = {
     # name: (preset, schedule, (h, w, frames), grid, max_steps, trainable)
-    "t3_720p": ("wan2.1-t2v-1.3b", "wan21_windows", (720, 1280, 81), (21, 45, 80), 5000, "all"),
+    "t3_720p": ("wan2.1-t2v-1.3b", "wan21_720p", (720, 1280, 81), (21, 45, 80), 5000, "all"),
     "t3_4k": ("wan2.1-t2v-1.3b", "wan21_4k", (2176, 3840, 81), (21, 136, 240), 500, "all"),
     "t3_4k_lora": ("wan2.1-t2v-1.3b", "wan21_4k", (2176, 3840, 81), (21, 136, 240), 500, "lora"),
-    "t3_720p_wan22": ("wan2.2-ti2v-5b", "wan22_windows", (704, 1280, 81), (21, 22, 40), 5000, "all"),
+    "t3_720p_wan22": ("wan2.2-ti2v-5b", "wan22_720p", (704, 1280, 81), (21, 22, 40), 5000, "all"),
     "t3_4k_wan22": ("wan2.2-ti2v-5b", "wan22_4k", (2176, 3840, 81), (21, 68, 120), 500, "all"),
     "t3_4k_lora_wan22": ("wan2.2-ti2v-5b", "wan22_4k", (2176, 3840, 81), (21, 68, 120), 500, "lora"),
 }
@@ -118,11 +118,11 @@ def test_entry_names_the_function_train_py_runs():
 
 BAD = [
     # overrides, key the message must name, words it must contain
-    (["data.num_frames=80"], "data.num_frames=80", "4k+1"),
-    (["data.height=72"], "data.height=72", "multiple of 16"),
-    (["experiment=t3_720p_wan22", "dry_run=true", "data.height=720"], "data.height=720", "multiple of 32"),
+    (["data.num_frames=80"], "data.num_frames 80", "4k+1 for tiny; nearest valid: 77 or 81"),
+    (["data.height=72"], "data.height 72", "multiple of 16 for tiny; nearest valid: 64 or 80"),
+    (["experiment=t3_720p_wan22", "dry_run=true", "data.height=720"], "data.height 720", "multiple of 32"),
     (["t3=wan21_4k"], "t3='wan21_4k'", "does not fit"),
-    (["data.width=1024"], "data.width=1024", "covers at most 32 positions per axis"),
+    (["data.width=1024"], "data.width 1024", "covers at most 32 positions per axis"),
     (["finetune.trainable=lora", "finetune.lora.rank=0"], "finetune.lora.rank=0", "1 <= rank"),
     (["finetune.trainable=everything"], "finetune.trainable='everything'", "one of"),
     (["batch.global_size=6", "batch.micro_size=4"], "batch.global_size=6", "multiple of"),
@@ -249,7 +249,7 @@ def test_cli_config_error_is_one_line_before_any_model(tmp_path):
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "config error" in line]
-    assert errors == ["config error: data.num_frames=80: must be 4k+1 for tiny (e.g. 77 or 81)"], proc.stderr[
+    assert errors == ["config error: data.num_frames 80 is not of the form 4k+1 for tiny; nearest valid: 77 or 81"], proc.stderr[
         -2000:
     ]
     assert "Traceback" not in proc.stderr
@@ -508,3 +508,66 @@ def test_dry_run_counts_the_cheaper_backward_of_frozen_weights():
         == expected
     )
     assert run.speed_t3["flops_per_sample"] == 2 * expected
+
+
+@pytest.mark.parametrize(
+    "model,schedule", [("tiny", "wan21_windows"), ("wan2.1-t2v-1.3b", "wan21_windows"), ("wan2.2-ti2v-5b", "wan22_windows")]
+)  # fmt: skip
+def test_training_defaults_to_the_schedule_the_model_config_names(model, schedule):
+    """`train.py model=wan2.2-ti2v-5b` used to keep wan21_windows (train.yaml's default)."""
+    from hydra.utils import instantiate
+
+    from t3.attention import get_schedule
+
+    cfg = compose_train(f"model={model}", "data.height=2176", "data.width=3840")
+    assert cfg.model.default_schedule == schedule and instantiate(cfg.t3) == get_schedule(schedule)
+    assert cfg.t3.name == schedule
+    assert compose_train(f"model={model}", "t3=dense").t3.name == "dense"  # an explicit choice wins
+
+
+def test_experiments_keep_their_schedules_over_the_models_default():
+    assert compose_train("experiment=t3_4k_wan22").t3.name == "wan22_4k"
+    assert compose_train("experiment=t3_4k_wan22", "t3=wan22_windows").t3.name == "wan22_windows"
+
+
+WRONG_MODEL = [
+    # overrides, words the one-line message must contain (naming the schedule's model and the one asked for)
+    (
+        ["experiment=t3_4k_wan22", "t3=wan21_4k"],
+        "t3='wan21_4k' does not fit 2176x3840x81 (token grid (21, 68, 120)) on wan2.2-ti2v-5b: schedule 'wan21_4k' "
+        "was made for wan2.1-t2v-1.3b (30 layers, 12 heads, patch 1x2x2, VAE stride 4x8x8), not for wan2.2-ti2v-5b "
+        "(30 layers, 24 heads, patch 1x2x2, VAE stride 4x16x16)",
+    ),
+    (
+        ["experiment=t3_720p_wan22", "t3=wan21_windows"],
+        "schedule 'wan21_windows' counts its windows in tokens of 4x16x16 frames x pixels, wan2.2-ti2v-5b's "
+        "tokens are 4x32x32",
+    ),
+    (
+        ["experiment=t3_720p", "t3=wan21_4k"],
+        "schedule 'wan21_4k' fixes piece counts for the token grid (21, 136, 240) only, got (21, 45, 80); on other "
+        "grids use 'wan21_windows'",
+    ),
+    (["t3=wan21_4k"], "schedule 'wan21_4k' was made for wan2.1-t2v-1.3b (30 layers, 12 heads"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", WRONG_MODEL, ids=[" ".join(w[0]) for w in WRONG_MODEL])
+def test_a_schedule_made_for_another_model_or_grid_fails_validation(overrides, words):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_train(*overrides, "dry_run=true"))
+    assert "\n" not in str(info.value) and words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["t3_720p", "t3_720p_wan22"])
+def test_stage1_experiments_pad_no_layer(name, caplog):
+    caplog.set_level("INFO", logger="t3.config.validation")
+    facts = validate(compose_train(f"experiment={name}", "dry_run=true"))
+    assert not any(facts.schedule.padding_report(facts.grid, facts.num_layers).padded)
+    assert f"T3 schedule {facts.schedule.name} on grid {facts.grid}, 30 layers: no layer pads" in caplog.text
+
+
+def test_validation_logs_the_padding_a_window_preset_makes(caplog):
+    caplog.set_level("INFO", logger="t3.config.validation")
+    validate(compose_train("experiment=t3_720p", "dry_run=true", "t3=wan21_windows"))
+    assert "T3 schedule wan21_windows on grid (21, 45, 80), 30 layers: padding 3.9% of the real tokens" in caplog.text

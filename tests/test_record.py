@@ -137,3 +137,38 @@ def test_training_refuses_the_eval_only_schedule_choice():
 
     with pytest.raises(ConfigError, match=r"t3=from_checkpoint: eval.py's default"):
         validate(compose_train("t3=from_checkpoint"))
+
+
+@pytest.mark.parametrize(
+    "model,schedule", [("wan2.1-t2v-1.3b", "wan21_windows"), ("wan2.2-ti2v-5b", "wan22_windows"), ("tiny", "wan21_windows")]
+)  # fmt: skip
+def test_eval_without_a_record_uses_the_schedule_the_model_config_names(model, schedule, tmp_path):
+    """`eval.py model=wan2.2-ti2v-5b` used to evaluate with wan21_windows (the fixed fallback)."""
+    from t3.eval.run import eval_schedule
+
+    from .test_eval_generate import compose_eval
+
+    cfg = compose_eval(f"model={model}", "model.dit_path=null", f"out_dir={tmp_path}")
+    assert eval_schedule(cfg) == get_schedule(schedule) and cfg.run_name == f"{model}_{schedule}"
+    explicit = compose_eval(f"model={model}", "model.dit_path=null", "t3=dense", f"out_dir={tmp_path}")
+    assert eval_schedule(explicit) == get_schedule("dense")
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["model=wan2.2-ti2v-5b", "t3=wan21_4k"], "schedule 'wan21_4k' was made for wan2.1-t2v-1.3b (30 layers, 12 heads, patch 1x2x2, VAE stride 4x8x8), not for wan2.2-ti2v-5b"),
+        (["model=wan2.2-ti2v-5b", "t3=wan21_windows"], "schedule 'wan21_windows' counts its windows in tokens of 4x16x16"),
+        (["model=wan2.1-t2v-1.3b", "t3=wan21_4k", "generation.height=720", "generation.width=1280"], "on other grids use 'wan21_windows'"),
+    ],
+)  # fmt: skip
+def test_eval_refuses_a_schedule_made_for_another_model_or_grid(overrides, words, tmp_path):
+    from t3.eval.run import main
+
+    from .test_eval_generate import compose_eval
+
+    cfg = compose_eval(*overrides, "model.dit_path=null", "benchmark=tiny", "dry_run=true", f"out_dir={tmp_path}")
+    with pytest.raises(SystemExit) as err:
+        main(cfg)
+    assert str(err.value).startswith("eval error: ") and "\n" not in str(err.value)
+    assert "does not fit" in str(err.value) and words in str(err.value), str(err.value)

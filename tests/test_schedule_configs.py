@@ -13,8 +13,10 @@ from t3.attention.schedule import WAN21_4K_GRID
 
 from .conftest import REPO_ROOT
 
-# from_checkpoint is eval.py's "the schedule the checkpoint's record names", not a schedule (test_record.py).
-T3_CONFIGS = sorted(p.stem for p in (REPO_ROOT / "conf" / "t3").glob("*.yaml") if p.stem != "from_checkpoint")
+# from_checkpoint is eval.py's "the schedule the checkpoint's record names" (test_record.py), model_default
+# train.py's "the model's own preset" (below): choices of a schedule, not schedules.
+CHOICES = ("from_checkpoint", "model_default")
+T3_CONFIGS = sorted(p.stem for p in (REPO_ROOT / "conf" / "t3").glob("*.yaml") if p.stem not in CHOICES)
 
 
 def build(name: str) -> Schedule:
@@ -30,7 +32,23 @@ def test_t3_config_builds_a_schedule_that_fits_4k(name):
     if name.startswith("wan21") or name == "dense":
         assert len(schedule.plans(WAN21_4K_GRID, 30)) == 30
     if name in PRESETS:
-        assert schedule == PRESETS[name]
+        assert schedule == PRESETS[name] and schedule.made_for == PRESETS[name].made_for
+
+
+def test_every_preset_has_its_config():
+    assert set(PRESETS) <= set(T3_CONFIGS)
+
+
+@pytest.mark.parametrize("name", T3_CONFIGS)
+def test_every_schedule_says_what_it_was_made_for(name):
+    """dense fits any model; the authors' fixed pieces one model and grid; window sizes one token size."""
+    made_for = build(name).made_for
+    if name == "dense":
+        assert made_for is None
+    elif name.endswith("_4k"):
+        assert made_for.model is not None and made_for.grid is not None and made_for.other_grids in PRESETS
+    else:
+        assert made_for.token_size == ((4, 32, 32) if name.startswith("wan22") else (4, 16, 16))
 
 
 def test_ablation_configs_change_only_what_they_name():

@@ -13,6 +13,7 @@ from torch._dynamo.testing import CompileCounter
 import t3
 from t3.attention import PlanError, build_schedule
 from t3.attention.reference import t3_attention_reference
+from t3.attention.schedule import WAN21_4K_PIECES
 from t3.models.tiny import TINY_DIT_CONFIG
 from t3.transform import T3AttnProcessor, schedule_of
 
@@ -100,7 +101,7 @@ def test_one_transformed_model_runs_at_any_resolution(model):
 
 
 def test_plan_that_does_not_fit_fails_before_attention_naming_the_layer(model):
-    t3.transform(model, "wan21_4k")
+    t3.transform(model, build_schedule("fixed", pieces=WAN21_4K_PIECES))
     x, t, text = inputs()
     with pytest.raises(PlanError, match="layer 0: plan \\(21, 1, 1\\) cannot apply to grid \\(3, 4, 6\\)"):
         model(x, t, text)

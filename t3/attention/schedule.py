@@ -8,13 +8,20 @@ period of 5). A rule gives either
   for any grid as ``n = ceil(L / w)``: the same schedule then serves 480p, 720p, 1080p and 4K.
 
 The window-size presets below are the authors' 4K plans rewritten as window sizes, so at the 4K grid
-they give exactly the authors' piece counts, and at lower resolutions windows of the same size.
+they give exactly the authors' piece counts, and at lower resolutions windows of the same size. A window
+that does not divide its axis pads it (padded slots are masked, but computed): `Schedule.padding_report`
+counts them, and the stage-1 presets (``wan21_720p``, ``wan22_720p``) choose windows that divide the
+720p grids, so no layer pads there.
+
+A schedule says what it was made for (`MadeFor`): the authors' fixed piece counts fit one model and one
+grid and refuse any other grid; window sizes count tokens, so they keep their meaning only on models
+whose tokens cover the same video extent. `t3.models.ModelSpec.check_schedule` holds a model to it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from t3.attention.plan import (
@@ -82,18 +89,127 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class MadeFor:
+    """What a schedule was made for; a field left None means any.
+
+    Attributes:
+        model: The model preset (``t3.models`` name) whose layout, layers, heads, patch size and VAE
+            stride, the schedule was made for; a model of another layout is refused.
+        token_size: Frames x pixels x pixels one token covers (VAE stride x patch size). Window sizes
+            count tokens, so they cover the same video extent only on models with this token size.
+        grid: The one token grid the schedule's fixed piece counts were chosen for; others are refused.
+        other_grids: The schedule to use on other grids (named when a grid is refused).
+    """
+
+    model: str | None = None
+    token_size: Grid | None = None
+    grid: Grid | None = None
+    other_grids: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("token_size", "grid"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, check_grid(tuple(value)))
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields that are set, as plain values (`from_dict` reads them back)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in (
+                ("model", self.model),
+                ("token_size", self.token_size),
+                ("grid", self.grid),
+                ("other_grids", self.other_grids),
+            )
+            if value is not None
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object] | None) -> MadeFor | None:
+        """``made_for`` of a schedule config or record; None stays None (made for any model and grid)."""
+        if data is None:
+            return None
+        unknown = set(data) - {"model", "token_size", "grid", "other_grids"}
+        if unknown:
+            raise ValueError(
+                f"made_for: unknown key(s) {sorted(unknown)}; accepted: model, token_size, grid, other_grids"
+            )
+        return cls(**{key: value for key, value in data.items()})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Padding:
+    """The padded slots a schedule computes on one grid: per layer and overall.
+
+    A layer whose window does not divide an axis pads the grid to ``pieces x window`` on that axis; both
+    partitions then hold the padded grid's slots, of which ``padded[i]`` are padding (masked keys, dropped
+    queries: no effect on the output, only work).
+    """
+
+    schedule: str
+    grid: Grid
+    layers: tuple[LayerPlan, ...]
+    padded: tuple[int, ...]  # padded slots per layer
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens of the grid (per layer)."""
+        return math.prod(self.grid)
+
+    def share(self, layer: int) -> float:
+        """Padded slots of ``layer`` over the real tokens."""
+        return self.padded[layer] / self.tokens
+
+    @property
+    def overall(self) -> float:
+        """Padded slots of all layers over their real tokens."""
+        return sum(self.padded) / (self.tokens * len(self.padded))
+
+    def __str__(self) -> str:
+        head = f"schedule {self.schedule} on grid {self.grid}, {len(self.layers)} layers"
+        if not any(self.padded):
+            return f"{head}: no layer pads"
+        layers_of: dict[WindowPlan, list[int]] = {}
+        for lp in self.layers:
+            if self.padded[lp.layer]:
+                layers_of.setdefault(lp.plan, []).append(lp.layer)
+        padding = "; ".join(
+            f"plan {plan} (window {plan.window(self.grid)}, {len(layers)} layers) pads "
+            f"{self.padded[layers[0]] / self.tokens:.1%}"
+            for plan, layers in layers_of.items()
+        )
+        return f"{head}: padding {self.overall:.1%} of the real tokens overall; {padding}"
+
+
+@dataclass(frozen=True)
 class Schedule:
-    """A cycle of layer rules; layer ``i`` uses ``rules[i % period]``."""
+    """A cycle of layer rules; layer ``i`` uses ``rules[i % period]``.
+
+    ``made_for`` says which models and grids the schedule was made for (`MadeFor`; None: any). It does
+    not change what is computed, so two schedules that differ only in it compute the same attention.
+    """
 
     name: str
     rules: tuple[LayerRule, ...]
     share_identical_branches: bool = True
     description: str = field(default="", compare=False)
+    made_for: MadeFor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.rules:
             raise ValueError(f"schedule {self.name!r} has no layer rules")
         object.__setattr__(self, "rules", tuple(self.rules))
+
+    def check_grid(self, grid: Grid) -> None:
+        """Raise `PlanError` if the schedule was made for one grid and ``grid`` is another."""
+        if self.made_for is None or self.made_for.grid is None or tuple(grid) == self.made_for.grid:
+            return
+        instead = self.made_for.other_grids
+        raise PlanError(
+            f"schedule {self.name!r} fixes piece counts for the token grid {self.made_for.grid} only, got "
+            f"{tuple(grid)}" + (f"; on other grids use {instead!r} (its windows as sizes)" if instead else "")
+        )
 
     @property
     def period(self) -> int:
@@ -108,7 +224,9 @@ class Schedule:
         )
 
     def layer_plan(self, layer: int, grid: Grid) -> LayerPlan:
-        """The plan of ``layer`` on ``grid``; raises `PlanError` naming the layer if it cannot apply."""
+        """The plan of ``layer`` on ``grid``; raises `PlanError` naming the layer if it cannot apply (or
+        naming the grid the schedule was made for, see `check_grid`)."""
+        self.check_grid(grid)
         rule = self.rules[layer % self.period]
         plan = rule.plan(grid)
         plan.check(grid, layer=layer)
@@ -120,6 +238,13 @@ class Schedule:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         return [self.layer_plan(i, grid) for i in range(num_layers)]
+
+    def padding_report(self, grid: Grid, num_layers: int) -> Padding:
+        """The padded slots of each of ``num_layers`` layers on ``grid`` (see `Padding`)."""
+        grid = check_grid(grid)
+        plans = tuple(self.plans(grid, num_layers))
+        padded = tuple(math.prod(lp.plan.padded_grid(grid)) - math.prod(grid) for lp in plans)
+        return Padding(schedule=self.name, grid=grid, layers=plans, padded=padded)
 
     def same_attention(self, other: Schedule) -> bool:
         """True when ``other`` computes the same attention on every grid (same rules and sharing; the
@@ -139,6 +264,7 @@ class Schedule:
             ],
             "share_identical_branches": self.share_identical_branches,
             "description": self.description,
+            **({"made_for": self.made_for.as_dict()} if self.made_for is not None else {}),
         }
 
     @classmethod
@@ -166,18 +292,23 @@ class Schedule:
             rules=tuple(built),
             share_identical_branches=bool(data.get("share_identical_branches", True)),
             description=str(data.get("description", "")),
+            made_for=MadeFor.from_dict(data.get("made_for")),  # type: ignore[arg-type]
         )
 
     def describe(self, grid: Grid, num_layers: int | None = None) -> str:
-        """A table of one period (or ``num_layers`` layers): plan, window, group size, branches."""
+        """A table of one period (or ``num_layers`` layers): plan, window, group size, branches, padding;
+        then the padding share of the layers shown (one period: the share of the whole cycle)."""
         grid = check_grid(grid)
+        padding = self.padding_report(grid, num_layers or self.period)
         rows = [f"schedule {self.name} on grid {grid} ({math.prod(grid)} tokens):"]
-        for lp in self.plans(grid, num_layers or self.period):
+        for lp in padding.layers:
             window = lp.plan.window(grid)
             rows.append(
                 f"  layer {lp.layer:>3}: plan {str(lp.plan):<12} window {str(window):<14} "
-                f"{lp.plan.num_groups:>6} groups x {math.prod(window):>7} tokens, computed {'+'.join(lp.computed)}"
+                f"{lp.plan.num_groups:>6} groups x {math.prod(window):>7} tokens, computed {'+'.join(lp.computed)}, "
+                f"padding {padding.share(lp.layer):.1%}"
             )
+        rows.append(f"  padding: {padding.overall:.1%} of the real tokens over these {len(padding.layers)} layers")
         return "\n".join(rows)
 
 
@@ -224,16 +355,23 @@ def build_schedule(
     branches: Sequence[str] | Sequence[Sequence[str]] = BRANCHES,
     share_identical_branches: bool = True,
     description: str = "",
+    made_for: Mapping[str, object] | None = None,
 ) -> Schedule:
     """Build a schedule from plain values (the Hydra ``_target_`` of ``conf/t3/*.yaml``).
 
-    ``branches`` is one list for all rules (``[local, dilated]``) or one list per rule.
+    ``branches`` is one list for all rules (``[local, dilated]``) or one list per rule; ``made_for`` the
+    fields of `MadeFor` that apply (None: any model and grid).
     """
+    try:
+        target = MadeFor.from_dict(made_for)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"schedule config: made_for: {err}") from None
     return Schedule(
         name=name,
         rules=_rules(pieces, windows, branches),
         share_identical_branches=bool(share_identical_branches),
         description=description,
+        made_for=target,
     )
 
 
@@ -263,25 +401,76 @@ def windows_from_pieces(pieces: Sequence[Sequence[int]], grid: Grid) -> tuple[Wi
     return tuple(out)  # type: ignore[return-value]
 
 
+def dividing_windows(windows: Sequence[Window], grid: Grid) -> tuple[Window, ...]:
+    """Windows of about the same sizes that cut ``grid`` without padding.
+
+    Each side becomes the divisor of its axis nearest to it in ratio (of two as near, the larger);
+    ``None`` (the whole axis) stays, and so does a side the whole axis is nearest to.
+    """
+    grid = check_grid(grid)
+
+    def side(w: int | None, length: int) -> int | None:
+        if w is None:
+            return None
+        divisors = [d for d in range(1, length + 1) if length % d == 0]
+        best = min(divisors, key=lambda d: (abs(math.log(d / w)), -d))
+        return None if best == length else best
+
+    return tuple(
+        tuple(side(w, length) for w, length in zip(window, grid, strict=True))  # type: ignore[misc]
+        for window in windows
+    )
+
+
+# Stage 1 (720P) grids: Wan2.1 at 720x1280x81 (its VAE 8x, patch 2) and Wan2.2 at 704x1280x81 (VAE 16x,
+# patch 2; 720 is not a multiple of 32). Both 4K window sets pad there (see the README), these do not.
+WAN21_720P_GRID: Grid = (21, 45, 80)
+WAN22_720P_GRID: Grid = (21, 22, 40)
+# Frames x pixels x pixels per token (VAE stride x patch size): what window sizes are counted in.
+WAN21_TOKEN: Grid = (4, 16, 16)
+WAN22_TOKEN: Grid = (4, 32, 32)
+WAN21_WINDOWS = windows_from_pieces(WAN21_4K_PIECES, WAN21_4K_GRID)
+WAN22_WINDOWS = windows_from_pieces(WAN22_4K_PIECES, WAN22_4K_GRID)
+
 PRESETS: dict[str, Schedule] = {
     "dense": build_schedule(
         "dense", pieces=[(1, 1, 1)], description="full attention in every layer (baseline)"
     ),
     "wan21_4k": build_schedule(
-        "wan21_4k", pieces=WAN21_4K_PIECES, description="authors' Wan2.1-T2V-1.3B 4K plans (grid 21x136x240)"
+        "wan21_4k",
+        pieces=WAN21_4K_PIECES,
+        description="authors' Wan2.1-T2V-1.3B 4K plans (grid 21x136x240)",
+        made_for={"model": "wan2.1-t2v-1.3b", "grid": WAN21_4K_GRID, "other_grids": "wan21_windows"},
     ),
     "wan22_4k": build_schedule(
-        "wan22_4k", pieces=WAN22_4K_PIECES, description="authors' Wan2.2-TI2V-5B 4K plans (grid 21x68x120)"
+        "wan22_4k",
+        pieces=WAN22_4K_PIECES,
+        description="authors' Wan2.2-TI2V-5B 4K plans (grid 21x68x120)",
+        made_for={"model": "wan2.2-ti2v-5b", "grid": WAN22_4K_GRID, "other_grids": "wan22_windows"},
     ),
     "wan21_windows": build_schedule(
         "wan21_windows",
-        windows=windows_from_pieces(WAN21_4K_PIECES, WAN21_4K_GRID),
+        windows=WAN21_WINDOWS,
         description="wan21_4k as window sizes: the authors' windows at any resolution",
+        made_for={"token_size": WAN21_TOKEN},
     ),
     "wan22_windows": build_schedule(
         "wan22_windows",
-        windows=windows_from_pieces(WAN22_4K_PIECES, WAN22_4K_GRID),
+        windows=WAN22_WINDOWS,
         description="wan22_4k as window sizes: the authors' windows at any resolution",
+        made_for={"token_size": WAN22_TOKEN},
+    ),
+    "wan21_720p": build_schedule(
+        "wan21_720p",
+        windows=dividing_windows(WAN21_WINDOWS, WAN21_720P_GRID),
+        description="wan21_windows resized to divide the 720x1280x81 grid 21x45x80 (stage 1, no padding)",
+        made_for={"token_size": WAN21_TOKEN},
+    ),
+    "wan22_720p": build_schedule(
+        "wan22_720p",
+        windows=dividing_windows(WAN22_WINDOWS, WAN22_720P_GRID),
+        description="wan22_windows resized to divide the 704x1280x81 grid 21x22x40 (stage 1, no padding)",
+        made_for={"token_size": WAN22_TOKEN},
     ),
 }
 

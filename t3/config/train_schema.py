@@ -67,6 +67,8 @@ class ModelConfig:
 
     Attributes:
         preset: A `t3.models.preset_names` entry (architecture, VAE geometry).
+        default_schedule: The T3 schedule preset (`t3.attention.PRESETS`) made for this model: what
+            ``t3=model_default`` (train.py's default) and eval.py without a checkpoint record use.
         dit_path: Pretrained DiT: a diffusers ``transformer`` folder or an original Wan ``.safetensors``.
         vae_path: Wan VAE folder; only needed for sample videos during validation.
         text_encoder_path: umT5 folder; needed for sample videos and for the synthetic data source.
@@ -81,6 +83,7 @@ class ModelConfig:
     """
 
     preset: str = MISSING
+    default_schedule: str = "dense"
     dit_path: str | None = None
     vae_path: str | None = None
     text_encoder_path: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -43,6 +44,9 @@ from t3.config.train_schema import (
 
 __all__ = ["RunFacts", "entry_function", "resolve_world_size", "validate"]
 
+logger = logging.getLogger(__name__)
+
+_VIDEO_SIZE_KEYS = ("data.num_frames", "data.height", "data.width")
 _ENTRY_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
@@ -188,23 +192,10 @@ def _check_video_size(cfg: DictConfig) -> Any:
 
     check_choice(cfg, "model.preset", tuple(preset_names()))
     spec = get_spec(cfg.model.preset)
-    frames, height, width = cfg.data.num_frames, cfg.data.height, cfg.data.width
-    fm, pm = spec.frame_multiple, spec.pixel_multiple
-    if frames < 1 or (frames - 1) % fm:
-        k = max((frames - 1) // fm, 0)
-        raise fail(
-            "data.num_frames",
-            frames,
-            f"must be {fm}k+1 for {spec.name} (e.g. {fm * k + 1} or {fm * (k + 1) + 1})",
-        )
-    for key, value in (("data.height", height), ("data.width", width)):
-        if value < pm or value % pm:
-            lower = max(value // pm * pm, pm)
-            raise fail(
-                key,
-                value,
-                f"must be a positive multiple of {pm} for {spec.name} (e.g. {lower} or {lower + pm})",
-            )
+    try:
+        spec.check_video_size(cfg.data.num_frames, cfg.data.height, cfg.data.width, names=_VIDEO_SIZE_KEYS)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return spec
 
 
@@ -221,27 +212,25 @@ def _check_data_settings(cfg: DictConfig) -> None:
 def _token_grid(cfg: DictConfig, spec: Any) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """The latent shape and token grid of the video size (within the model's RoPE table)."""
     frames, height, width = cfg.data.num_frames, cfg.data.height, cfg.data.width
-    latent_shape = spec.latent_shape(frames, height, width)
-    try:
-        grid = spec.video_token_grid(frames, height, width)
-    except ValueError as err:  # beyond the model's RoPE table: diffusers would fail mid-forward
-        latent = latent_shape[1:]
-        axis = max(range(3), key=lambda i: latent[i] // spec.patch_size[i])
-        key = ("data.num_frames", "data.height", "data.width")[axis]
-        raise fail(key, (frames, height, width)[axis], str(err)) from None
-    return latent_shape, grid
+    try:  # beyond the model's RoPE table diffusers would fail mid-forward
+        grid = spec.video_token_grid(frames, height, width, names=_VIDEO_SIZE_KEYS)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return spec.latent_shape(frames, height, width), grid
 
 
 def _check_schedule(cfg: DictConfig, spec: Any, grid: tuple[int, int, int], num_layers: int) -> Any:
-    """The T3 schedule builds and fits the token grid of this video size on every layer; returns it."""
+    """The T3 schedule builds, was made for this model, and fits the token grid of this video size on
+    every layer; logs the padding it computes there. Returns the schedule."""
     schedule = _build_schedule(cfg)
     try:
-        schedule.plans(grid, num_layers)
+        padding = spec.check_schedule(schedule, grid)
     except ValueError as err:
         raise ConfigError(
             f"t3={schedule.name!r} does not fit {cfg.data.height}x{cfg.data.width}x{cfg.data.num_frames} "
             f"(token grid {grid}) on {spec.name}: {err}"
         ) from None
+    logger.info("T3 %s", padding)
     return schedule
 
 
@@ -479,8 +468,8 @@ def _check_data_paths(cfg: DictConfig, spec: Any) -> None:
             continue
         allowed = allowed_latent_shapes(spec, OmegaConf.to_object(node.sizes))
         if list(shape) not in allowed:
-            st, sh, sw = spec.vae_stride
-            made_at = f"{(shape[1] - 1) * st + 1}x{shape[2] * sh}x{shape[3] * sw}"
+            frames, height, width = spec.video_size(shape)
+            made_at = f"{frames}x{height}x{width}"
             raise fail(
                 f"{key}.urls_or_dir",
                 source,

@@ -246,7 +246,10 @@ def check_settings(settings: GenerationSettings, model: ModelPaths, schedule: Sc
     """Size and schedule checks from the config alone (no weights), with one-line errors."""
     spec = get_spec(model.preset)
     grid = spec.video_token_grid(settings.frames, settings.height, settings.width)  # legal, within RoPE
-    schedule.plans(grid, int(spec.dit_config["num_layers"]))
+    try:
+        spec.check_schedule(schedule, grid)  # made for this model, fits the grid
+    except ValueError as err:
+        raise ValueError(f"t3={schedule.name!r} does not fit {spec.name} at grid {grid}: {err}") from None
 
 
 def check_parallel(

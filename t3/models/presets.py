@@ -129,18 +129,37 @@ class ModelSpec:
         """Frame counts must be ``1 + frame_multiple * k`` (the VAE keeps the first frame on its own)."""
         return self.vae_stride[0] * self.patch_size[0]
 
-    def check_video_size(self, num_frames: int, height: int, width: int) -> None:
+    @property
+    def token_size(self) -> tuple[int, int, int]:
+        """Frames x pixels x pixels one token covers (VAE stride x patch size): 4x16x16 for Wan2.1, 4x32x32
+        for Wan2.2."""
+        return tuple(v * p for v, p in zip(self.vae_stride, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    @property
+    def layout(self) -> str:
+        """The layout a T3 schedule can be made for, in words: layers, heads, patch size, VAE stride."""
+        c = self.dit_config
+        return (
+            f"{c['num_layers']} layers, {c['num_attention_heads']} heads, patch {_by(self.patch_size)}, "
+            f"VAE stride {_by(self.vae_stride)}"
+        )
+
+    def check_video_size(
+        self, num_frames: int, height: int, width: int, names: Sequence[str] = ("frames", "height", "width")
+    ) -> None:
         """Check that this model takes videos of ``num_frames x height x width``, before any model work.
 
         Height and width must be multiples of `pixel_multiple` (16 for Wan2.1, 32 for Wan2.2) and the
         frame count of the form ``frame_multiple * k + 1``. The authors' 4K size, 2176 x 3840 with 81
-        frames, is valid for both.
+        frames, is valid for both. ``names`` are what the messages call the three values (a config's
+        keys, e.g. ``data.num_frames``).
 
         Raises:
             ValueError: Naming each bad value and the nearest valid ones, e.g. ``height 2160 is not a
                 multiple of 32 for wan2.2-ti2v-5b; nearest valid: 2144 or 2176``.
         """
-        sizes = (("height", height), ("width", width), ("frames", num_frames))
+        frames_name, height_name, width_name = names
+        sizes = ((height_name, height), (width_name, width), (frames_name, num_frames))
         problems = [
             f"{name} must be a positive integer, got {value!r}"
             for name, value in sizes
@@ -155,7 +174,7 @@ class ModelSpec:
                     )
             if (num_frames - 1) % self.frame_multiple:
                 problems.append(
-                    f"frames {num_frames} is not of the form {self.frame_multiple}k+1 for {self.name}; "
+                    f"{frames_name} {num_frames} is not of the form {self.frame_multiple}k+1 for {self.name}; "
                     f"nearest valid: {_either(nearest_valid(num_frames, self.frame_multiple, offset=1))}"
                 )
         if problems:
@@ -170,6 +189,13 @@ class ModelSpec:
         self.check_video_size(num_frames, height, width)
         st, sh, sw = self.vae_stride
         return (self.vae_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
+
+    def video_size(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """``(num_frames, height, width)`` of the videos whose latents are ``[C, T', H', W']`` (the
+        inverse of `latent_shape`)."""
+        _, t, h, w = (int(n) for n in latent_shape)
+        st, sh, sw = self.vae_stride
+        return ((t - 1) * st + 1, h * sh, w * sw)
 
     @property
     def max_grid_axis(self) -> int:
@@ -203,22 +229,57 @@ class ModelSpec:
             )
         return grid  # type: ignore[return-value]
 
-    def video_token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """`token_grid` of a ``num_frames x height x width`` video.
+    def video_token_grid(
+        self, num_frames: int, height: int, width: int, names: Sequence[str] = ("frames", "height", "width")
+    ) -> tuple[int, int, int]:
+        """`token_grid` of a ``num_frames x height x width`` video (``names`` as in `check_video_size`).
 
         Raises:
             ValueError: If the size is not legal for this model, or its grid exceeds the rotary embedding;
-                the message then gives the largest size the model takes.
+                the message then names the longest axis and gives the largest size the model takes.
         """
+        self.check_video_size(num_frames, height, width, names)
         latent = self.latent_shape(num_frames, height, width)
         try:
             return self.token_grid(latent)
         except ValueError as err:
             frames_max = (self.max_grid_axis * self.patch_size[0] - 1) * self.vae_stride[0] + 1
+            positions = [n // p for n, p in zip(latent[1:], self.patch_size, strict=True)]
+            longest = max(range(3), key=positions.__getitem__)
             raise ValueError(
-                f"{self.name}: {height}x{width}x{num_frames}: {err}; accepted: height and width at most "
-                f"{self.max_grid_axis * self.pixel_multiple}, frames at most {frames_max}"
+                f"{names[longest]} {(num_frames, height, width)[longest]}: {self.name}: {height}x{width}x{num_frames}: "
+                f"{err}; accepted: height and width at most {self.max_grid_axis * self.pixel_multiple}, frames at "
+                f"most {frames_max}"
             ) from None
+
+    def check_schedule(self, schedule: Any, grid: tuple[int, int, int]) -> Any:
+        """Check that the T3 ``schedule`` was made for this model and fits its token ``grid``.
+
+        A schedule made for a model preset (``made_for.model``) needs that preset's layout (`layout`); one
+        made for a token size (``made_for.token_size``) needs this model's `token_size`; one made for a
+        grid refuses any other (`t3.attention.Schedule.check_grid`), and every plan must fit the grid.
+
+        Returns:
+            The schedule's `t3.attention.schedule.Padding` on ``grid`` over this model's layers.
+
+        Raises:
+            ValueError: One line naming the schedule, what it was made for and this model.
+        """
+        made_for = schedule.made_for
+        if made_for is not None and made_for.model is not None and made_for.model != self.name:
+            target = get_spec(made_for.model)
+            if target.layout != self.layout:
+                raise ValueError(
+                    f"schedule {schedule.name!r} was made for {target.name} ({target.layout}), not for "
+                    f"{self.name} ({self.layout})"
+                )
+        if made_for is not None and made_for.token_size is not None and made_for.token_size != self.token_size:
+            raise ValueError(
+                f"schedule {schedule.name!r} counts its windows in tokens of {_by(made_for.token_size)} "
+                f"frames x pixels, {self.name}'s tokens are {_by(self.token_size)}: its windows would cover "
+                f"another part of the video than they were made for"
+            )
+        return schedule.padding_report(grid, int(self.dit_config["num_layers"]))
 
 
 #: One :class:`ModelSpec` per preset.
@@ -256,6 +317,10 @@ def nearest_valid(value: int, multiple: int, offset: int = 0) -> list[int]:
     below = offset + (value - offset) // multiple * multiple
     candidates = [c for c in (below, below + multiple) if c >= max(1, offset)]
     return candidates or [max(multiple, offset)]
+
+
+def _by(sizes: Sequence[int]) -> str:
+    return "x".join(str(n) for n in sizes)
 
 
 def _either(candidates: Sequence[int]) -> str:
