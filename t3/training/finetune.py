@@ -59,13 +59,11 @@ def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> 
         cfg: The model config.
         device: ``"meta"`` builds the architecture without memory (dry run, config tests).
     """
-    from diffusers import WanTransformer3DModel
-
-    from t3.models import dit_config, load_dit
+    from t3.models import load_dit
+    from t3.models.build import dit_from_preset
 
     if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            return WanTransformer3DModel(**dit_config(cfg.preset))
+        return dit_from_preset(cfg.preset, device="meta")
     # Plain weights: `prepare_for_finetuning` transforms them with the run's schedule.
     if cfg.init_from is not None:
         logger.info("loading the DiT from %s (init_from)", cfg.init_from)
@@ -75,9 +73,7 @@ def build_dit(cfg: ModelConfig, *, device: torch.device | str | None = None) -> 
     if not cfg.random_init:
         raise ValueError("model.dit_path, model.init_from or model.random_init=true is required")
     logger.warning("model.random_init: training a randomly initialised %s DiT", cfg.preset)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return WanTransformer3DModel(**dit_config(cfg.preset))
+    return dit_from_preset(cfg.preset, seed=cfg.seed)
 
 
 def prepare_for_finetuning(
