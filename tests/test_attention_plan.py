@@ -195,4 +195,19 @@ def test_build_schedule_from_config_values_and_errors():
 
 def test_describe_lists_every_layer():
     text = get_schedule("wan21_4k").describe(WAN21_4K_GRID)
-    assert "685440 tokens" in text and text.count("layer") == 5 and "(1,17,30)" in text
+    assert "685440 tokens" in text and text.count("  layer ") == 5 and "(1,17,30)" in text
+    assert text.endswith("padding: 0.0% of the real tokens over these 5 layers")
+
+
+@pytest.mark.parametrize(
+    "name,grid,overall,padding",
+    [
+        ("wan21_windows", (21, 44, 80), "5.8%", ["(1,6,10)", "(1,3,14)", "(3,6,3)", "(7,3,2)"]),
+        ("wan22_windows", (21, 22, 40), "5.7%", ["(1,6,7)", "(1,6,2)", "(7,2,3)"]),
+    ],
+)
+def test_the_readmes_720p_padding_figures(name, grid, overall, padding):
+    """README "Schedules": which plans of the 4K windows pad at 704x1280, and how much overall."""
+    text = str(get_schedule(name).padding_report(grid, 30))
+    assert f"padding {overall} of the real tokens overall" in text
+    assert [part.split()[1] for part in text.split("; ")[1:]] == padding
