@@ -105,7 +105,8 @@ def test_window_presets_reproduce_authors_plans_at_4k_and_adapt_to_720p():
 
 
 @pytest.mark.parametrize(
-    "name,grid,instead", [("wan21_4k", (21, 45, 80), "wan21_windows"), ("wan22_4k", (21, 22, 40), "wan22_windows")]
+    "name,grid,instead",
+    [("wan21_4k", (21, 45, 80), "wan21_windows"), ("wan22_4k", (21, 22, 40), "wan22_windows")],
 )
 def test_fixed_piece_presets_refuse_other_grids_suggesting_the_window_preset(name, grid, instead):
     """wan21_4k at 720p used to run (1, 17, 30) with 3-row windows: every grid but its own is refused."""
@@ -157,7 +158,9 @@ def test_dividing_windows_takes_the_nearest_divisor_in_ratio():
 
 def test_made_for_travels_with_the_schedule_but_changes_no_attention():
     schedule = get_schedule("wan21_4k")
-    assert schedule.made_for == MadeFor(model="wan2.1-t2v-1.3b", grid=WAN21_4K_GRID, other_grids="wan21_windows")
+    assert schedule.made_for == MadeFor(
+        model="wan2.1-t2v-1.3b", grid=WAN21_4K_GRID, other_grids="wan21_windows"
+    )
     again = Schedule.from_dict(schedule.as_dict())
     assert again.made_for == schedule.made_for and again == schedule
     assert build_schedule("wan21_4k", pieces=WAN21_4K_PIECES).same_attention(schedule)

@@ -249,9 +249,9 @@ def test_cli_config_error_is_one_line_before_any_model(tmp_path):
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "config error" in line]
-    assert errors == ["config error: data.num_frames 80 is not of the form 4k+1 for tiny; nearest valid: 77 or 81"], proc.stderr[
-        -2000:
-    ]
+    assert errors == [
+        "config error: data.num_frames 80 is not of the form 4k+1 for tiny; nearest valid: 77 or 81"
+    ], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs" / "default" / "checkpoints").exists()
 
@@ -570,4 +570,7 @@ def test_stage1_experiments_pad_no_layer(name, caplog):
 def test_validation_logs_the_padding_a_window_preset_makes(caplog):
     caplog.set_level("INFO", logger="t3.config.validation")
     validate(compose_train("experiment=t3_720p", "dry_run=true", "t3=wan21_windows"))
-    assert "T3 schedule wan21_windows on grid (21, 45, 80), 30 layers: padding 3.9% of the real tokens" in caplog.text
+    assert (
+        "T3 schedule wan21_windows on grid (21, 45, 80), 30 layers: padding 3.9% of the real tokens"
+        in caplog.text
+    )

@@ -167,7 +167,9 @@ def test_eval_refuses_a_schedule_made_for_another_model_or_grid(overrides, words
 
     from .test_eval_generate import compose_eval
 
-    cfg = compose_eval(*overrides, "model.dit_path=null", "benchmark=tiny", "dry_run=true", f"out_dir={tmp_path}")
+    cfg = compose_eval(
+        *overrides, "model.dit_path=null", "benchmark=tiny", "dry_run=true", f"out_dir={tmp_path}"
+    )
     with pytest.raises(SystemExit) as err:
         main(cfg)
     assert str(err.value).startswith("eval error: ") and "\n" not in str(err.value)

@@ -201,7 +201,7 @@ class Schedule:
             raise ValueError(f"schedule {self.name!r} has no layer rules")
         object.__setattr__(self, "rules", tuple(self.rules))
 
-    def check_grid(self, grid: Grid) -> None:
+    def check_fixed_grid(self, grid: Grid) -> None:
         """Raise `PlanError` if the schedule was made for one grid and ``grid`` is another."""
         if self.made_for is None or self.made_for.grid is None or tuple(grid) == self.made_for.grid:
             return
@@ -225,8 +225,8 @@ class Schedule:
 
     def layer_plan(self, layer: int, grid: Grid) -> LayerPlan:
         """The plan of ``layer`` on ``grid``; raises `PlanError` naming the layer if it cannot apply (or
-        naming the grid the schedule was made for, see `check_grid`)."""
-        self.check_grid(grid)
+        naming the grid the schedule was made for, see `check_fixed_grid`)."""
+        self.check_fixed_grid(grid)
         rule = self.rules[layer % self.period]
         plan = rule.plan(grid)
         plan.check(grid, layer=layer)
@@ -308,7 +308,9 @@ class Schedule:
                 f"{lp.plan.num_groups:>6} groups x {math.prod(window):>7} tokens, computed {'+'.join(lp.computed)}, "
                 f"padding {padding.share(lp.layer):.1%}"
             )
-        rows.append(f"  padding: {padding.overall:.1%} of the real tokens over these {len(padding.layers)} layers")
+        rows.append(
+            f"  padding: {padding.overall:.1%} of the real tokens over these {len(padding.layers)} layers"
+        )
         return "\n".join(rows)
 
 

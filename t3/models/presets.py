@@ -257,7 +257,7 @@ class ModelSpec:
 
         A schedule made for a model preset (``made_for.model``) needs that preset's layout (`layout`); one
         made for a token size (``made_for.token_size``) needs this model's `token_size`; one made for a
-        grid refuses any other (`t3.attention.Schedule.check_grid`), and every plan must fit the grid.
+        grid refuses any other (`t3.attention.Schedule.check_fixed_grid`), and every plan must fit the grid.
 
         Returns:
             The schedule's `t3.attention.schedule.Padding` on ``grid`` over this model's layers.
@@ -273,7 +273,11 @@ class ModelSpec:
                     f"schedule {schedule.name!r} was made for {target.name} ({target.layout}), not for "
                     f"{self.name} ({self.layout})"
                 )
-        if made_for is not None and made_for.token_size is not None and made_for.token_size != self.token_size:
+        if (
+            made_for is not None
+            and made_for.token_size is not None
+            and made_for.token_size != self.token_size
+        ):
             raise ValueError(
                 f"schedule {schedule.name!r} counts its windows in tokens of {_by(made_for.token_size)} "
                 f"frames x pixels, {self.name}'s tokens are {_by(self.token_size)}: its windows would cover "
