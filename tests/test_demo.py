@@ -150,7 +150,8 @@ def test_demo_settings_are_typed_and_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"^demo\.eval\.sample_steps=0: must be >= 1$"):
         demo_settings(compose_demo(tmp_path, "demo.eval.sample_steps=0"))
     with pytest.raises(
-        ConfigError, match=r"^demo\.pretrain \(stage 1, dense pretraining\): data\.height=40: "
+        ConfigError,
+        match=r"^demo\.pretrain \(stage 1, dense pretraining\): data\.height 40 is not a multiple of 16",
     ):
         run_demo(compose_demo(tmp_path, "demo.pretrain.height=40"))
     assert not (tmp_path / ".cache").exists()  # refused before anything was built or written
