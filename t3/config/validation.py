@@ -310,23 +310,18 @@ def _check_parallelism(cfg: DictConfig) -> None:
 
 
 def _check_sequence_parallel(cfg: DictConfig, grid: tuple[int, int, int], world_size: int) -> int:
-    """The SP size tiles the world and can shard the token grid; returns it."""
-    from t3.parallel.assignment import POLICIES
-    from t3.parallel.groups import check_world
-    from t3.parallel.layout import ALIGNS, LayoutError, check_sequence_parallel
+    """The SP size tiles the world and can shard the token grid (`t3.parallel.settings`); returns it."""
+    from t3.parallel.settings import ParallelSettingsError, check_parallel_settings
 
-    key = "parallel.sequence_parallel_size"
-    check_range(cfg, key, low=1)
-    check_choice(cfg, "parallel.align", ALIGNS)
-    check_choice(cfg, "parallel.policy", POLICIES)
-    check_range(cfg, "parallel.max_imbalance", low=0)
-    sp = int(cfg.parallel.sequence_parallel_size)
+    check_range(cfg, "parallel.sequence_parallel_size", low=1)
+    p = cfg.parallel
     try:
-        check_world(world_size, sp)
-        check_sequence_parallel(grid, sp, cfg.parallel.align)
-    except (ValueError, LayoutError) as error:
+        check_parallel_settings(
+            p.sequence_parallel_size, p.align, p.policy, p.max_imbalance, grid=grid, world_size=world_size
+        )
+    except ParallelSettingsError as error:
         raise ConfigError(str(error)) from None
-    return sp
+    return int(p.sequence_parallel_size)
 
 
 def _check_batch(cfg: DictConfig, world_size: int, sequence_parallel: int = 1) -> int:

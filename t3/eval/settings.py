@@ -259,17 +259,8 @@ def check_parallel(
     ``parallel.sequence_parallel_size`` ranks, such a group cannot shard the video's token grid (with
     ``parallel.align=frames``: more ranks than latent frames), or ``generation.device`` names one GPU for
     all processes; from the config alone, before any process group or model."""
-    from t3.parallel.assignment import POLICIES
-    from t3.parallel.groups import check_world
-    from t3.parallel.layout import ALIGNS, check_sequence_parallel
+    from t3.parallel.settings import check_parallel_settings
 
-    if parallel.align not in ALIGNS:
-        raise fail("parallel.align", parallel.align, f"must be one of {list(ALIGNS)}")
-    if parallel.policy not in POLICIES:
-        raise fail("parallel.policy", parallel.policy, f"must be one of {list(POLICIES)}")
-    if parallel.max_imbalance < 0:
-        raise fail("parallel.max_imbalance", parallel.max_imbalance, "must be >= 0")
-    check_world(world_size, parallel.sequence_parallel_size)
     device = resolve_device(settings.device)
     if world_size > 1 and device.type == "cuda" and device.index is not None:
         raise fail(
@@ -277,7 +268,10 @@ def check_parallel(
             f"names one GPU for all {world_size} processes; under torchrun use cuda or auto (each its LOCAL_RANK GPU)",
         )  # fmt: skip
     grid = get_spec(model.preset).video_token_grid(settings.frames, settings.height, settings.width)
-    check_sequence_parallel(grid, parallel.sequence_parallel_size, parallel.align)
+    check_parallel_settings(
+        parallel.sequence_parallel_size, parallel.align, parallel.policy, parallel.max_imbalance,
+        grid=grid, world_size=world_size,
+    )  # fmt: skip
 
 
 # --- scoring ----------------------------------------------------------------------------------------------

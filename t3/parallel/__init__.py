@@ -13,6 +13,7 @@ Applied from outside the model (the model code stays single-device), one idea pe
   rank reads (`data_parallel_rank`);
 - `loss`: the loss scale that makes the engine's gradient averaging exact (`loss_scale`);
 - `cost`: bytes exchanged (T3-aware and Ulysses) and per-rank attention MACs of a schedule;
+- `settings`: the ``parallel.*`` config values checked before anything is built (`check_parallel_settings`);
 - `torchrun`: the default process group of a ``torchrun`` launch for generation (`distributed_from_env`).
 """
 
@@ -34,6 +35,7 @@ from t3.parallel.groups import (
 )
 from t3.parallel.layout import LayoutError, ShardLayout, check_sequence_parallel, shard_layout
 from t3.parallel.loss import loss_scale
+from t3.parallel.settings import ParallelSettingsError, check_parallel_settings
 
 __all__ = [
     "DEFAULT_MAX_IMBALANCE",
@@ -41,11 +43,13 @@ __all__ = [
     "LayerAssignment",
     "LayoutError",
     "ParallelGroups",
+    "ParallelSettingsError",
     "SequenceParallelAttnProcessor",
     "ShardLayout",
     "apply_sequence_parallel",
     "assign_layer",
     "build_parallel_groups",
+    "check_parallel_settings",
     "check_sequence_parallel",
     "check_world",
     "data_parallel_rank",
