@@ -312,6 +312,27 @@ def test_train_templates_pass_the_allocation_to_train_py(path, tmp_path):
     assert bad.returncode == 1 and "--ntasks-per-node=4 but --gpus-per-node=8" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "gpus,launcher", [(None, "python"), ("1", "python"), ("8", "torchrun --standalone --nproc_per_node 8")]
+)
+def test_eval_array_runs_torchrun_when_a_task_has_several_gpus(gpus, launcher, tmp_path):
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
+    env = {
+        "PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_ARRAY_TASK_COUNT": "8",
+        "SLURM_ARRAY_JOB_ID": "7",
+        **({"SLURM_GPUS_ON_NODE": gpus} if gpus else {}),
+    }
+    args = ["benchmark=4k_vbench", "parallel.sequence_parallel_size=8"]
+    out = subprocess.run(
+        ["bash", str(SLURM_DIR / "eval_array.sbatch"), *args], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert f"srun {launcher} eval.py shard_index=3 num_shards=8 {' '.join(args)}" in out
+
+
 def test_multinode_template_runs_4k_with_sp8_and_data_parallel_2(tmp_path):
     """The 2-node x 8-GPU sequence-parallel run of slurm/README.md: the command srun starts composes into a
     valid run of world 16 = 2 SP groups of 8, global batch 64 = micro 1 x data-parallel 2 x accumulate 32."""
