@@ -266,3 +266,20 @@ def test_skip_counts_are_not_multiplied_by_the_sequence_parallel_size():
     monitor = DataSkipMonitor(0.5, sequence_parallel_size=2)
     counts = monitor._tally(trainer, SimpleNamespace(device=torch.device("cpu")))
     assert counts["samples"] == 6 and counts["decode_error"] == 2
+
+
+def test_a_bf16_export_keeps_the_modules_diffusers_keeps_in_fp32(tmp_path):
+    """The export casts like loading does (`t3.models.build.cast_state_dict`): norms, the time embedder
+    and the modulation table stay float32, so a bf16 export loses no precision that loading would keep."""
+    from safetensors.torch import load_file
+
+    from t3.models.tiny import tiny_dit
+    from t3.training.export import export_dit
+
+    dit = tiny_dit()
+    written = export_dit(dit.state_dict(), dit.config, tmp_path, formats=["diffusers"], dtype="bf16")
+    (weights,) = written["diffusers"].glob("*.safetensors")
+    dtypes = {name: tensor.dtype for name, tensor in load_file(weights).items()}
+    kept = [n for n in dtypes if any(m in n.split(".") for m in type(dit)._keep_in_fp32_modules)]
+    assert kept and all(dtypes[n] == torch.float32 for n in kept)
+    assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16

@@ -23,9 +23,6 @@ __all__ = ["export_dit"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def export_dit(
     state_dict: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
@@ -45,7 +42,8 @@ def export_dit(
         out_dir: Export folder.
         formats: ``diffusers`` and/or ``wan``.
         lora_scaling: ``alpha / rank`` when the state dict holds LoRA adapters (they are merged).
-        dtype: ``bf16``/``fp32`` cast of floating weights; None keeps them as trained.
+        dtype: ``bf16``/``fp32`` cast of floating weights, keeping diffusers' ``_keep_in_fp32_modules`` (norms,
+            time embedder, modulation table) in float32 as loading does; None keeps them as trained.
         preset: Preset name recorded in the Wan config.
         record: The `t3.models.record.T3Record` written into every format's config (schedule, size,
             step, config digest); None keeps the one in ``config``, if any.
@@ -57,6 +55,7 @@ def export_dit(
     from diffusers import WanTransformer3DModel
 
     from t3.models import save_dit
+    from t3.models.build import as_dtype, cast_state_dict
 
     state = dict(state_dict)
     if any(".lora_A." in k for k in state):
@@ -64,8 +63,7 @@ def export_dit(
             raise ValueError("the state dict holds LoRA adapters: pass lora_scaling=alpha/rank to merge them")
         state = merge_lora_state_dict(state, lora_scaling)
     if dtype is not None:
-        target = _DTYPES[dtype]
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+        state = cast_state_dict(state, as_dtype(dtype), WanTransformer3DModel._keep_in_fp32_modules)
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(dict(config))
     # The T3 processors were never part of the state; this model is the stock, untransformed DiT.
