@@ -317,15 +317,12 @@ class T2VGenerator:
 
     def check_memory(self, height: int, width: int, frames: int, batch: int) -> None:
         """Fail now, in one line, if a DiT forward on ``batch`` samples of this size cannot fit beside
-        what is already loaded (`t3.memory.check_inference_memory`).
-
-        Skipped under sequence parallelism: the estimate is that of the whole sample on one device, an
-        upper bound of a shard's that would refuse runs SP makes fit."""
-        if self.sp_size > 1:
-            return
+        what is already loaded (`t3.memory.check_inference_memory`); under sequence parallelism, with this
+        rank's share of the tokens."""
         check_inference_memory(
             self.spec, (height, width, frames), batch=batch, dtype=self.dtype, device=self.device,
             what="generate", instead="batch_size=1" if batch > 2 else "", weights_loaded=True,
+            sequence_parallel=self.sp_size,
         )  # fmt: skip
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:

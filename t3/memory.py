@@ -115,7 +115,7 @@ class InferenceMemory:
 
 
 def inference_memory(
-    spec: ModelSpec, grid: Sequence[int], *, batch: int, dtype: torch.dtype
+    spec: ModelSpec, grid: Sequence[int], *, batch: int, dtype: torch.dtype, sequence_parallel: int = 1
 ) -> InferenceMemory:
     """A lower bound of the memory of one DiT forward without autograd.
 
@@ -129,10 +129,13 @@ def inference_memory(
         grid: Post-patch token grid ``(T, H, W)``.
         batch: Samples per forward (2 with batched classifier-free guidance).
         dtype: Compute dtype.
+        sequence_parallel: GPUs sharing the tokens (`t3.parallel`): each holds ``ceil(L / sp)`` of them
+            in every block; the RoPE tables are still built whole (then cut to the shard).
     """
     config = spec.dit_config
     tokens = math.prod(grid)
-    hidden = batch * tokens * 2 * (int(config["ffn_dim"]) + spec.dim) * dtype.itemsize
+    local = math.ceil(tokens / sequence_parallel)
+    hidden = batch * local * 2 * (int(config["ffn_dim"]) + spec.dim) * dtype.itemsize
     rope = 2 * tokens * int(config["attention_head_dim"]) * torch.float64.itemsize
     return InferenceMemory(weights=dit_parameter_count(spec.name) * dtype.itemsize, activations=hidden + rope)
 
@@ -176,12 +179,12 @@ def available_memory(device: torch.device | str) -> tuple[int, str]:
 
 
 def _fits(spec: ModelSpec, frames: int, height: int, width: int, *, batch: int, dtype: torch.dtype,
-          budget: float, weights_loaded: bool) -> bool:  # fmt: skip
+          budget: float, weights_loaded: bool, sequence_parallel: int) -> bool:  # fmt: skip
     try:
         grid = spec.video_token_grid(frames, height, width)
     except ValueError:
         return False
-    need = inference_memory(spec, grid, batch=batch, dtype=dtype)
+    need = inference_memory(spec, grid, batch=batch, dtype=dtype, sequence_parallel=sequence_parallel)
     return (need.activations if weights_loaded else need.total) <= budget
 
 
@@ -196,6 +199,7 @@ def check_inference_memory(
     instead: str = "",
     size_keys: tuple[str, str] = ("height", "width"),
     weights_loaded: bool = False,
+    sequence_parallel: int = 1,
 ) -> InferenceMemory:
     """Refuse, before anything is built, a DiT forward that cannot fit on ``device``.
 
@@ -211,6 +215,7 @@ def check_inference_memory(
         size_keys: How the caller spells height and width (``generation.height``...).
         weights_loaded: The DiT is already on the device: count only its activations against the free
             memory.
+        sequence_parallel: GPUs of an SP group sharing each video's tokens (``device`` is one of them).
 
     Returns:
         The estimate, when it fits.
@@ -221,7 +226,7 @@ def check_inference_memory(
     """
     height, width, frames = size
     grid = spec.video_token_grid(frames, height, width)
-    need = inference_memory(spec, grid, batch=batch, dtype=dtype)
+    need = inference_memory(spec, grid, batch=batch, dtype=dtype, sequence_parallel=sequence_parallel)
     free, where = available_memory(device)
     if (need.activations if weights_loaded else need.total) <= free:
         return need
@@ -231,7 +236,7 @@ def check_inference_memory(
             for h, w in SMALLER_SIZES
             if h * w < height * width
             and _fits(spec, frames, h, w, batch=batch, dtype=dtype, budget=SUGGESTION_HEADROOM * free,
-                      weights_loaded=weights_loaded)
+                      weights_loaded=weights_loaded, sequence_parallel=sequence_parallel)
         ),
         None,
     )  # fmt: skip
@@ -241,9 +246,12 @@ def check_inference_memory(
     else:
         options.append("a machine with more memory")
     weights = "" if weights_loaded else f"{need.weights / GIB:.1f} GiB of weights + "
+    shared = (
+        f" over {sequence_parallel} GPUs (parallel.sequence_parallel_size)" if sequence_parallel > 1 else ""
+    )
     raise DoesNotFitError(
-        f"{what}: one DiT forward of {spec.name} at {height}x{width}x{frames} ({math.prod(grid):,} tokens, "
-        f"batch {batch}, {str(dtype).removeprefix('torch.')}) needs at least {weights}"
+        f"{what}: one DiT forward of {spec.name} at {height}x{width}x{frames} ({math.prod(grid):,} tokens"
+        f"{shared}, batch {batch}, {str(dtype).removeprefix('torch.')}) needs at least {weights}"
         f"{need.activations / GIB:.1f} GiB of activations, but the {torch.device(device).type} has "
         f"{free / GIB:.1f} GiB {where}; run instead: " + ", or ".join(options)
     )

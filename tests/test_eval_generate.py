@@ -334,3 +334,31 @@ def test_eval_cli_generates_with_the_tiny_random_model_and_nothing_on_disk(tmp_p
     record = json.loads((tmp_path / "out" / f"{names[0]}.json").read_text())
     assert record["checkpoint"] == record["checkpoint_sha256"] == "tiny random DiT (seed 0)"
     assert video_info(tmp_path / "out" / f"{names[0]}.mp4").frames == 5
+
+
+def test_inference_memory_counts_each_gpus_share_of_the_tokens_under_sequence_parallelism(monkeypatch):
+    """A 4K video that one GPU's memory refuses fits when 8 GPUs share its tokens; the refusal names SP."""
+    import torch
+
+    import t3.memory
+    from t3.memory import GIB, DoesNotFitError, check_inference_memory, inference_memory
+    from t3.models import get_spec
+
+    spec = get_spec("wan2.1-t2v-1.3b")
+    grid = spec.video_token_grid(81, 2176, 3840)
+    one = inference_memory(spec, grid, batch=2, dtype=torch.bfloat16)
+    eight = inference_memory(spec, grid, batch=2, dtype=torch.bfloat16, sequence_parallel=8)
+    rope = 2 * 685_440 * 128 * 8  # the RoPE tables are built whole on every rank
+    assert eight.weights == one.weights
+    assert eight.activations - rope == pytest.approx((one.activations - rope) / 8)
+    budget = (one.weights + eight.activations + one.activations) / 2  # between the two needs
+    monkeypatch.setattr(t3.memory, "available_memory", lambda device: (budget, "free on the GPU"))
+    size, kwargs = (2176, 3840, 81), dict(batch=2, dtype=torch.bfloat16, device="cpu", what="generation")
+    with pytest.raises(DoesNotFitError, match=r"685,440 tokens, batch 2"):
+        check_inference_memory(spec, size, **kwargs)
+    assert check_inference_memory(spec, size, sequence_parallel=8, **kwargs) == eight
+    monkeypatch.setattr(t3.memory, "available_memory", lambda device: (GIB, "free on the GPU"))
+    with pytest.raises(
+        DoesNotFitError, match=r"685,440 tokens over 8 GPUs \(parallel.sequence_parallel_size\)"
+    ):
+        check_inference_memory(spec, size, sequence_parallel=8, **kwargs)

@@ -210,13 +210,15 @@ def _expected_record(
     }
 
 
-def check_memory(settings: GenerationSettings, model: ModelPaths) -> None:
-    """Refuse, before loading anything, a video whose DiT step cannot fit on the device (one line)."""
+def check_memory(settings: GenerationSettings, model: ModelPaths, sequence_parallel: int = 1) -> None:
+    """Refuse, before loading anything, a video whose DiT step cannot fit on the device (one line); under
+    sequence parallelism each device holds its share of the tokens."""
     device = resolve_device(settings.device)
     check_inference_memory(
         get_spec(model.preset), (settings.height, settings.width, settings.frames),
         batch=cfg_batch(settings.guidance_scale), dtype=resolve_dtype(settings.dtype, device), device=device,
         what="generation", size_keys=("generation.height", "generation.width"),
+        instead="a larger parallel.sequence_parallel_size (under torchrun)", sequence_parallel=sequence_parallel,
     )  # fmt: skip
 
 
@@ -337,12 +339,7 @@ def _generate_shard(
     if not todo:
         return summary
 
-    if parallel.sequence_parallel_size == 1:
-        check_memory(settings, model)
-    else:  # the estimate is the whole sample's on one device: it would refuse what SP makes fit
-        logger.info(
-            "memory check skipped: parallel.sequence_parallel_size=%d", parallel.sequence_parallel_size
-        )
+    check_memory(settings, model, parallel.sequence_parallel_size)
     generator = _load_generator(settings, model, schedule, parallel, groups)
     device = generator.device
     for job, expected in todo:
