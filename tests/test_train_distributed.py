@@ -6,7 +6,7 @@ with micro-batch 2 x 2 accumulation steps. The samples, noise levels and noise o
 in both (they are indexed by stream position), so per-step losses, gradient norms, the validation loss and
 the exported weights must agree up to float reduction order. The same holds with sequence parallelism
 (``parallel.sequence_parallel_size=2``: the two ranks of an SP group share each sample), with 2 and 4
-processes, and across a resume.
+processes, under DDP, DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2, and across a resume.
 """
 
 from __future__ import annotations
@@ -211,7 +211,13 @@ def sequence_parallel(nproc: int, *overrides: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("nproc", "strategy", "align"),
-    [(2, "ddp", "tokens"), (4, "ddp", "frames"), (4, "deepspeed_zero2", "tokens")],
+    [
+        (2, "ddp", "tokens"),
+        (4, "ddp", "frames"),
+        (4, "deepspeed_zero2", "tokens"),
+        (2, "deepspeed_zero3", "tokens"),  # parameters gathered per layer inside the SP forward
+        (2, "fsdp2", "tokens"),
+    ],
 )
 def test_sequence_parallel_matches_one_process(nproc, strategy, align, reference, tmp_path):
     ref_dir, cache = reference
