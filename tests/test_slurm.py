@@ -328,7 +328,11 @@ def test_eval_array_runs_torchrun_when_a_task_has_several_gpus(gpus, launcher, t
     }
     args = ["benchmark=4k_vbench", "parallel.sequence_parallel_size=8"]
     out = subprocess.run(
-        ["bash", str(SLURM_DIR / "eval_array.sbatch"), *args], env=env, capture_output=True, text=True, check=True
+        ["bash", str(SLURM_DIR / "eval_array.sbatch"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert f"srun {launcher} eval.py shard_index=3 num_shards=8 {' '.join(args)}" in out
 

@@ -23,6 +23,7 @@ __all__ = ["export_dit"]
 
 logger = logging.getLogger(__name__)
 
+
 def export_dit(
     state_dict: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
