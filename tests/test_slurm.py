@@ -289,19 +289,24 @@ def fake_srun(tmp_path: Path) -> Path:
     return bin_dir
 
 
-@pytest.mark.parametrize("path", TRAIN_TEMPLATES, ids=lambda p: p.name)
-def test_train_templates_pass_the_allocation_to_train_py(path, tmp_path):
+def template_env(tmp_path: Path, **slurm: str) -> dict[str, str]:
+    """The environment of a template run by a fake ``srun`` (`fake_srun`): ``tmp_path`` is the submit
+    folder (the repository: ``slurm/job_env.sh``, no ``slurm/env.local``), plus the given SLURM variables."""
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
-    env = {
-        "PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(tmp_path),  # the repository: slurm/job_env.sh, no slurm/env.local
-        "SLURM_JOB_ID": "1",
-        "SLURM_NNODES": "2",
-        "SLURM_JOB_NODELIST": "gpu-[1-2]",
-        "SLURM_NTASKS_PER_NODE": "4",
-        "SLURM_GPUS_PER_NODE": "h100:4",
-    }
+    return {"PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path), **slurm}
+
+
+@pytest.mark.parametrize("path", TRAIN_TEMPLATES, ids=lambda p: p.name)
+def test_train_templates_pass_the_allocation_to_train_py(path, tmp_path):
+    env = template_env(
+        tmp_path,
+        SLURM_JOB_ID="1",
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="gpu-[1-2]",
+        SLURM_NTASKS_PER_NODE="4",
+        SLURM_GPUS_PER_NODE="h100:4",
+    )
     out = subprocess.run(
         ["bash", str(path), "experiment=t3_4k", "seed=1"], env=env, capture_output=True, text=True, check=True
     ).stdout
@@ -316,16 +321,13 @@ def test_train_templates_pass_the_allocation_to_train_py(path, tmp_path):
     "gpus,launcher", [(None, "python"), ("1", "python"), ("8", "torchrun --standalone --nproc_per_node 8")]
 )
 def test_eval_array_runs_torchrun_when_a_task_has_several_gpus(gpus, launcher, tmp_path):
-    (tmp_path / "slurm").mkdir()
-    (tmp_path / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
-    env = {
-        "PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(tmp_path),
-        "SLURM_ARRAY_TASK_ID": "3",
-        "SLURM_ARRAY_TASK_COUNT": "8",
-        "SLURM_ARRAY_JOB_ID": "7",
+    env = template_env(
+        tmp_path,
+        SLURM_ARRAY_TASK_ID="3",
+        SLURM_ARRAY_TASK_COUNT="8",
+        SLURM_ARRAY_JOB_ID="7",
         **({"SLURM_GPUS_ON_NODE": gpus} if gpus else {}),
-    }
+    )
     args = ["benchmark=4k_vbench", "parallel.sequence_parallel_size=8"]
     out = subprocess.run(
         ["bash", str(SLURM_DIR / "eval_array.sbatch"), *args],
@@ -344,17 +346,14 @@ def test_multinode_template_runs_4k_with_sp8_and_data_parallel_2(tmp_path):
 
     from .test_configs import compose_train
 
-    (tmp_path / "slurm").mkdir()
-    (tmp_path / "slurm" / "job_env.sh").write_text((SLURM_DIR / "job_env.sh").read_text())
-    env = {
-        "PATH": f"{fake_srun(tmp_path)}:{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(tmp_path),
-        "SLURM_JOB_ID": "1",
-        "SLURM_NNODES": "2",
-        "SLURM_JOB_NODELIST": "gpu-[1-2]",
-        "SLURM_NTASKS_PER_NODE": "8",
-        "SLURM_GPUS_PER_NODE": "8",
-    }
+    env = template_env(
+        tmp_path,
+        SLURM_JOB_ID="1",
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="gpu-[1-2]",
+        SLURM_NTASKS_PER_NODE="8",
+        SLURM_GPUS_PER_NODE="8",
+    )
     args = ["experiment=t3_4k_sp8", "data.train.urls_or_dir=/data/shards/4k"]
     out = subprocess.run(
         ["bash", str(SLURM_DIR / "train_multinode.sbatch"), *args],
