@@ -135,7 +135,7 @@ class MadeFor:
             raise ValueError(
                 f"made_for: unknown key(s) {sorted(unknown)}; accepted: model, token_size, grid, other_grids"
             )
-        return cls(**{key: value for key, value in data.items()})  # type: ignore[arg-type]
+        return cls(**data)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
